@@ -1,0 +1,11 @@
+"""`streamtrain inspect` (placeholder until its issue lands)."""
+
+from streamtrain.errors import UserError
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    raise UserError("inspect is not available yet")
