@@ -1,0 +1,37 @@
+import random
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def deterministic_rng():
+    """Seed python, numpy and (when loaded) torch for one test, and restore their states after."""
+    import sys
+
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch = sys.modules.get("torch")
+    torch_state = torch.random.get_rng_state() if torch is not None else None
+    random.seed(0)
+    np.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
+    yield np.random.default_rng(0)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    if torch is not None:
+        torch.random.set_rng_state(torch_state)
+
+
+def write_dataset(root, sequences, dim=None, shard_bytes=64 << 20):
+    """Write `sequences` (list of (T, D) arrays) as a dataset in `root` and return its Index."""
+    from streamtrain.format import DatasetWriter
+
+    dim = dim or sequences[0].shape[1]
+    with DatasetWriter(root, dim=dim, shard_bytes=shard_bytes) as w:
+        for i, s in enumerate(sequences):
+            w.add(s, path="mem.jsonl", line=i + 1)
+    from streamtrain.format import read_index
+
+    return read_index(root)
