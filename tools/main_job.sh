@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The main job, from a fresh machine: environment -> data -> convert -> fit (about a minute) -> eval.
+#
+# Data: real instruction sequences decoded from this machine's binaries (tools/asm_corpus.py) when it has
+# x86-64 ELF binaries and a decoder; otherwise a synthetic learnable corpus. Everything lands in ./runs/main
+# and ./data (both git-ignored). Override with FIT_SECONDS, CORPUS_MB, RUN, DATA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+FIT_SECONDS=${FIT_SECONDS:-60}
+CORPUS_MB=${CORPUS_MB:-20}
+DATA=${DATA:-data}
+RUN=${RUN:-runs/main}
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# torch first: the CPU build from local disk; a bare `torch` requirement would pull a CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[plot,corpus]"
+PY=.venv/bin/python
+ST=.venv/bin/streamtrain
+
+if $PY tools/asm_corpus.py --check >/dev/null 2>&1; then
+    echo "== data: real instruction sequences from this machine's binaries (${CORPUS_MB} MB)"
+    rm -rf "$DATA/asm"
+    $PY tools/asm_corpus.py --out "$DATA/asm" --max-mb "$CORPUS_MB" --seed 0 --split 0.1
+    echo "== convert"
+    $ST convert "$DATA/asm/train" --out "$DATA/train" --on-error skip
+    $ST convert "$DATA/asm/val" --out "$DATA/val" --on-error skip
+    $ST inspect "$DATA/train"
+    echo "== fit (${FIT_SECONDS} s)"
+    $ST fit --data "$DATA/train" --val-data "$DATA/val" --out "$RUN" --amp --max-seconds "$FIT_SECONDS"
+    echo "== eval on held-out binaries"
+    $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/val"
+else
+    echo "== data: no x86-64 binaries or decoder here; using a synthetic learnable corpus"
+    $ST fit --synthetic 4000,64 --val-fraction 0.1 --out "$RUN" --amp --max-seconds "$FIT_SECONDS"
+    $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$RUN/synthetic"
+fi
+echo
+echo "run folder: $RUN (config.json, metrics.jsonl, checkpoints/, loss.png)"
