@@ -1,0 +1,237 @@
+"""Loader throughput, side by side in one run: ShardStream (0/1/2 workers) vs the seed-style pipeline
+(JSON-loaded tensors, random batches of 16, pad_sequence) vs Hugging Face `datasets` (optional peer),
+against this machine's memcpy bound.
+
+    python benchmarks/bench_loader.py                       # synthetic heavy-tailed corpus in a temp dir
+    python benchmarks/bench_loader.py --data DIR            # an existing dataset
+
+For each pipeline: real (non-pad) tokens/s over whole epochs (median of --repeats), pad fraction, and the
+time to the first batch (including whatever loading the pipeline does before it can yield one). The
+memcpy bound is np.copyto of a large buffer, in tokens/s counting the bytes read and written per token
+(2 * D * 4), the same traffic as copying a token from the map into a batch. The JSON peers read a
+subset of the corpus (--peer-sequences) because their loading holds every float as a Python object.
+The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamtrain.data import ShardStream, make_loader
+from streamtrain.data import bucketing
+from streamtrain.format import DatasetWriter, read_index
+from streamtrain.data.reader import ShardReader
+
+
+def _lognormal_lengths(n: int, seed: int, median: float = 30.0, p99: float = 1000.0) -> np.ndarray:
+    sigma = np.log(p99 / median) / 2.326  # z of the 99th percentile
+    rng = np.random.default_rng(seed)
+    return np.maximum(1, np.round(rng.lognormal(np.log(median), sigma, n))).astype(np.int64)
+
+
+def write_corpus(root: Path, num_sequences: int, dim: int, seed: int) -> None:
+    lengths = _lognormal_lengths(num_sequences, seed)
+    rng = np.random.default_rng(seed + 1)
+    with DatasetWriter(root, dim=dim) as w:
+        for i, t in enumerate(lengths):
+            w.add(rng.standard_normal((int(t), dim), dtype=np.float32), path="synthetic", line=i + 1)
+
+
+def memcpy_tokens_per_s(dim: int, buffer_bytes: int = 256 << 20, repeats: int = 5) -> tuple[float, float]:
+    """(bytes/s of read + write traffic, tokens/s) of np.copyto on a buffer far larger than the caches."""
+    src = np.random.default_rng(0).standard_normal(buffer_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    traffic_bytes_per_s = 2 * src.nbytes / statistics.median(times)
+    return traffic_bytes_per_s, traffic_bytes_per_s / (2 * dim * 4)
+
+
+def _measure(make_iter, repeats: int) -> dict:
+    """Run `make_iter(r)` to exhaustion `repeats` times. Time to first batch includes whatever the
+    pipeline does before it (loading, conversion, worker start); tokens/s is over the batches after the
+    first, so it is the rate a training loop sees. Medians over the runs."""
+    rates, firsts, pads = [], [], []
+    for r in range(repeats):
+        real = padded = 0
+        t0 = time.perf_counter()
+        first_at = None
+        for x, lengths in make_iter(r):
+            padded += x.shape[0] * x.shape[1]
+            if first_at is None:
+                first_at = time.perf_counter()
+                first_real = int(lengths.sum())
+                real += first_real
+                continue
+            real += int(lengths.sum())
+        end = time.perf_counter()
+        if first_at is None:
+            continue
+        rates.append((real - first_real) / (end - first_at) if end > first_at else float("nan"))
+        firsts.append(first_at - t0)
+        pads.append(1 - real / padded if padded else 0.0)
+    return {
+        "real_tokens_per_s": statistics.median(rates),
+        "pad_fraction": statistics.median(pads),
+        "first_batch_s": statistics.median(firsts),
+        "runs": repeats,
+    }
+
+
+def bench_shardstream(root: Path, max_tokens: int, num_workers: int, repeats: int) -> dict:
+    def run(r):
+        ds = ShardStream(root, max_tokens=max_tokens, seed=0)
+        ds.set_epoch(r)
+        for batch in make_loader(ds, num_workers=num_workers, persistent_workers=False):
+            yield batch.x, batch.lengths
+
+    return _measure(run, repeats)
+
+
+def _export_json(root: Path, ids: np.ndarray, json_path: Path, jsonl_path: Path) -> None:
+    reader = ShardReader(root)
+    seqs = [reader.sequence(int(i)).tolist() for i in ids]
+    json_path.write_text(json.dumps(seqs))
+    with open(jsonl_path, "w") as f:
+        for s in seqs:
+            f.write(json.dumps({"sequence": s}) + "\n")
+
+
+def bench_seed_style(json_path: Path, batch_size: int, repeats: int) -> dict:
+    from torch.nn.utils.rnn import pad_sequence
+
+    def run(r):
+        with open(json_path) as f:
+            tensors = [torch.tensor(s, dtype=torch.float32) for s in json.load(f)]
+        order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(r))
+        for k in range(0, len(order), batch_size):
+            members = [tensors[i] for i in order[k : k + batch_size].tolist()]
+            x = pad_sequence(members, batch_first=True)
+            yield x, torch.tensor([len(m) for m in members])
+
+    return _measure(run, repeats)
+
+
+def bench_hf_datasets(jsonl_path: Path, batch_size: int, repeats: int, cache_dir: Path) -> dict | None:
+    try:
+        import datasets
+    except ImportError:
+        return None
+    from torch.utils.data import DataLoader
+
+    datasets.disable_progress_bars()
+
+    def collate(rows):
+        members = [torch.from_numpy(np.asarray(row["sequence"], dtype=np.float32)) for row in rows]
+        x = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)
+        return x, torch.tensor([len(m) for m in members])
+
+    def run(r):
+        ds = datasets.load_dataset("json", data_files=str(jsonl_path), split="train", cache_dir=str(cache_dir / f"r{r}"))
+        ds = ds.with_format("numpy")
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(r))
+        yield from loader
+
+    result = _measure(run, repeats)
+    result["version"] = datasets.__version__
+    return result
+
+
+def plan_seconds(num_sequences: int, max_tokens: int) -> float:
+    """Wall time to plan one epoch (windows, bounds, plan) of `num_sequences` synthetic lengths."""
+    lengths = _lognormal_lengths(num_sequences, seed=3)
+    t0 = time.perf_counter()
+    items = bucketing.window_items(lengths, max_tokens)
+    bounds = bucketing.bucket_bounds(items.lengths)
+    bucketing.plan_epoch(items.lengths, bounds, max_tokens, 0, 0)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, help="existing dataset folder (default: write a synthetic one)")
+    p.add_argument("--sequences", type=int, default=40_000, help="synthetic corpus size (sequences)")
+    p.add_argument("--dim", type=int, default=28, help="synthetic vector width")
+    p.add_argument("--max-tokens", type=int, default=8192, help="ShardStream padded-token budget per batch")
+    p.add_argument("--peer-sequences", type=int, default=4_000, help="sequences the JSON peers read")
+    p.add_argument("--peer-batch", type=int, default=16, help="batch size of the JSON peers")
+    p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (medians are quoted)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        tmp = Path(tmp)
+        root = args.data
+        if root is None:
+            root = tmp / "corpus"
+            t0 = time.perf_counter()
+            write_corpus(root, args.sequences, args.dim, seed=0)
+            print(f"wrote {args.sequences} sequences to {root} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        index = read_index(root)
+        lengths = index.lengths()
+        dim = index.dim
+        traffic_bytes_per_s, bound_tokens_per_s = memcpy_tokens_per_s(dim)
+
+        results: dict[str, dict | None] = {}
+        for workers in (0, 1, 2):
+            results[f"shardstream_w{workers}"] = bench_shardstream(root, args.max_tokens, workers, args.repeats)
+
+        peer_ids = np.random.default_rng(0).choice(index.num_sequences, min(args.peer_sequences, index.num_sequences),
+                                                   replace=False)
+        json_path, jsonl_path = tmp / "peer.json", tmp / "peer.jsonl"
+        _export_json(root, np.sort(peer_ids), json_path, jsonl_path)
+        results["seed_json_pad_sequence"] = bench_seed_style(json_path, args.peer_batch, args.repeats)
+        results["hf_datasets"] = bench_hf_datasets(jsonl_path, args.peer_batch, args.repeats, tmp / "hf_cache")
+        plan_1m_s = plan_seconds(1_000_000, args.max_tokens)
+
+    print(f"\ncorpus: {index.num_sequences} sequences, {index.num_tokens} tokens, dim {dim}, "
+          f"median length {np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}; "
+          f"max_tokens {args.max_tokens}; JSON peers: {len(peer_ids)} sequences, batch {args.peer_batch}; "
+          f"{os.cpu_count()} CPUs; medians of {args.repeats} runs")
+    print(f"memcpy bound: {traffic_bytes_per_s / 1e9:.2f} GB/s read+write = {bound_tokens_per_s / 1e6:.1f} M tokens/s")
+    print(f"{'pipeline':<26}{'real tokens/s':>16}{'% of memcpy':>13}{'pad %':>8}{'first batch s':>15}")
+    for name, r in results.items():
+        if r is None:
+            print(f"{name:<26}{'skipped (pip install datasets, extra [hf])':>52}")
+            continue
+        print(f"{name:<26}{r['real_tokens_per_s'] / 1e6:>14.2f} M{100 * r['real_tokens_per_s'] / bound_tokens_per_s:>12.1f}%"
+              f"{100 * r['pad_fraction']:>7.1f}%{r['first_batch_s']:>15.3f}")
+    best = max(results[f"shardstream_w{w}"]["real_tokens_per_s"] for w in (0, 1, 2))
+    ratios = {"best_shardstream_vs_memcpy": best / bound_tokens_per_s,
+              "best_shardstream_vs_seed": best / results["seed_json_pad_sequence"]["real_tokens_per_s"]}
+    if results["hf_datasets"] is not None:
+        ratios["best_shardstream_vs_hf"] = best / results["hf_datasets"]["real_tokens_per_s"]
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(f"plan of 1M sequences: {plan_1m_s:.3f} s")
+    print(json.dumps({
+        "benchmark": "loader",
+        "num_sequences": index.num_sequences,
+        "num_tokens": index.num_tokens,
+        "dim": dim,
+        "max_tokens": args.max_tokens,
+        "cpus": os.cpu_count(),
+        "memcpy_bytes_per_s": traffic_bytes_per_s,
+        "memcpy_tokens_per_s": bound_tokens_per_s,
+        "results": results,
+        "ratios": ratios,
+        "plan_1m_sequences_s": plan_1m_s,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Memory-mapped access to a dataset's shards: global sequence id -> (T, D) numpy view, no copy.
+
+`ShardReader` opens shards lazily (on the first request for one of their rows), so it can be pickled into
+DataLoader workers before anything is mapped. Each opened shard is reduced to, per record batch, the
+int64 row offsets of its `sequence` column and a (num_vectors, D) float32 view of the values buffer,
+both taken straight from the Arrow buffers with np.frombuffer (array offsets of the list, of the
+fixed_size_list child and of the float grandchild are all honoured). `gather` copies the rows of a batch
+from the map into a caller's preallocated (B, T, D) array: one memcpy per row, nothing else.
+
+Imports pyarrow and numpy only (never torch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from streamtrain.errors import DataError
+from streamtrain.format import Index, open_shard, read_index
+
+__all__ = ["ShardReader", "sequence_views"]
+
+
+@dataclass
+class _ShardViews:
+    chunk_first_row: list[int]  # first shard row of each record batch
+    row_offsets: list[np.ndarray]  # per record batch: int64 (rows + 1,) vector offsets into `vectors`
+    vectors: list[np.ndarray]  # per record batch: float32 (num_vectors, D) view into the map
+
+    def locate(self, row: int) -> tuple[np.ndarray, int, int]:
+        """(vectors, start, end) of shard row `row`."""
+        c = 0 if len(self.chunk_first_row) == 1 else bisect.bisect_right(self.chunk_first_row, row) - 1
+        offsets = self.row_offsets[c]
+        r = row - self.chunk_first_row[c]
+        return self.vectors[c], int(offsets[r]), int(offsets[r + 1])
+
+
+def sequence_views(table: pa.Table, dim: int, name: str = "shard") -> _ShardViews:
+    """Zero-copy views of the `sequence` column of a shard table (any number of record batches)."""
+    try:
+        column = table.column("sequence")
+    except KeyError:
+        raise DataError(f"{name}: no 'sequence' column") from None
+    t = column.type
+    if not (
+        (pa.types.is_large_list(t) or pa.types.is_list(t))
+        and pa.types.is_fixed_size_list(t.value_type)
+        and t.value_type.list_size == dim
+        and t.value_type.value_type == pa.float32()
+    ):
+        raise DataError(f"{name}: column 'sequence' has type {t}, expected large_list<fixed_size_list<float, {dim}>>")
+    offset_dtype = np.int64 if pa.types.is_large_list(t) else np.int32
+    first_rows, row_offsets, vectors = [], [], []
+    row = 0
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        n = len(chunk)
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_dtype)[chunk.offset : chunk.offset + n + 1]
+        child = chunk.values  # fixed_size_list array, its own offset applied by the list offsets above
+        floats = child.values  # float array backing the child, ignoring the child's offset
+        flat = np.frombuffer(floats.buffers()[1], dtype=np.float32)
+        begin = floats.offset + child.offset * dim
+        end = floats.offset + (child.offset + len(child)) * dim
+        if end > len(flat):
+            raise DataError(f"{name}: values buffer is shorter than its offsets say (truncated shard?)")
+        first_rows.append(row)
+        row_offsets.append(offsets.astype(np.int64, copy=False))
+        vectors.append(flat[begin:end].reshape(-1, dim))
+        row += n
+    if not first_rows:  # an empty shard: keep locate() well defined
+        first_rows, row_offsets, vectors = [0], [np.zeros(1, np.int64)], [np.zeros((0, dim), np.float32)]
+    return _ShardViews(first_rows, row_offsets, vectors)
+
+
+class ShardReader:
+    """Sequence access by global id over a dataset folder; shards are memory-mapped on first use.
+
+    Every shard is checked when opened against index.json (row count) and lengths.npy (every row's
+    length), so a shard that is missing, truncated, replaced or unreadable raises DataError naming it.
+    """
+
+    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None):
+        self.index = root if isinstance(root, Index) else read_index(root)
+        self.dim = self.index.dim
+        self._shard_first = self.index.shard_offsets  # (S + 1,) int64
+        self._shard_first_list = self._shard_first.tolist()
+        self._lengths = lengths
+        self._views: list[_ShardViews | None] = [None] * len(self.index.shards)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_views"] = [None] * len(self._views)  # maps are per process: reopen after unpickling
+        if isinstance(self._lengths, np.memmap):
+            state["_lengths"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.index.num_sequences
+
+    def _lengths_view(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = self.index.lengths()
+        return self._lengths
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """Shard number of each global id."""
+        return np.searchsorted(self._shard_first, ids, side="right") - 1
+
+    def _open(self, s: int) -> _ShardViews:
+        info = self.index.shards[s]
+        path = Path(self.index.root) / info.file
+        table = open_shard(path)
+        if table.num_rows != info.num_sequences:
+            raise DataError(f"{path}: {table.num_rows} sequences, index.json says {info.num_sequences}")
+        views = sequence_views(table, self.dim, str(path))
+        stored = np.concatenate([np.diff(o) for o in views.row_offsets]) if info.num_sequences else np.zeros(0)
+        first = self._shard_first_list[s]
+        expected = self._lengths_view()[first : first + info.num_sequences]
+        if len(stored) != len(expected) or not np.array_equal(stored, expected):
+            raise DataError(f"{path}: sequence lengths differ from {self.index.lengths_file}; re-convert the dataset")
+        if views.vectors and sum(len(v) for v in views.vectors) < int(expected.sum()):
+            raise DataError(f"{path}: fewer vectors than its sequence lengths say (truncated shard?)")
+        self._views[s] = views
+        return views
+
+    def _shard(self, s: int) -> _ShardViews:
+        views = self._views[s]
+        return views if views is not None else self._open(s)
+
+    def sequence(self, i: int) -> np.ndarray:
+        """Sequence `i` as a read-only (T, D) float32 view into the memory map."""
+        if not 0 <= i < self.index.num_sequences:
+            raise IndexError(f"sequence id {i} out of range [0, {self.index.num_sequences})")
+        s = bisect.bisect_right(self._shard_first_list, i) - 1
+        vectors, start, end = self._shard(s).locate(i - self._shard_first_list[s])
+        return vectors[start:end]
+
+    def gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """Copy window [offsets[j], offsets[j] + lengths[j]) of sequence ids[j] into out[j, :lengths[j]].
+
+        `out` is (B, T, D) and is not touched past each row's length (the caller zeroes the padding).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        shards = self.shard_of(ids)
+        rows = ids - self._shard_first[shards]
+        starts = np.asarray(offsets, dtype=np.int64).copy()
+        ends = np.zeros_like(starts)
+        # Vectorised per shard and record batch (a batch touches few): where each window starts, and
+        # which buffer it is in; the loop below then does nothing but one memcpy per row.
+        arrays: list[np.ndarray] = []
+        source = np.zeros(len(ids), dtype=np.int64)
+        for s in np.unique(shards).tolist():
+            views = self._views[s] or self._open(s)
+            sel = np.flatnonzero(shards == s)
+            first_rows = views.chunk_first_row
+            chunks = np.zeros(len(sel), np.int64) if len(first_rows) == 1 else (
+                np.searchsorted(first_rows, rows[sel], side="right") - 1
+            )
+            for c in np.unique(chunks).tolist():
+                csel = sel[chunks == c]
+                local = rows[csel] - first_rows[c]
+                starts[csel] += views.row_offsets[c][local]
+                ends[csel] = views.row_offsets[c][local + 1]
+                source[csel] = len(arrays)
+                arrays.append(views.vectors[c])
+        assert (starts + lengths <= ends).all(), "window runs past the end of its sequence"
+        for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
+            out[j, :n] = arrays[a][start : start + n]

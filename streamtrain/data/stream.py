@@ -1,0 +1,412 @@
+"""`ShardStream` (an IterableDataset of padded batches), `Batch`, and `make_loader` with exact resume.
+
+Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
+are dealt round-robin to ranks (`bucketing.deal_batches`), then round-robin to DataLoader workers (worker
+w of W takes the rank's batches k with k % W == w). DataLoader collects worker outputs round-robin in
+order, so a rank sees the same stream for any `num_workers`, and a resume may change it.
+
+Position: a stream carries `(epoch, batches_done)`, the epoch and rank-local number of the *next* batch to
+yield; only a `Loader` advances it (iterating a ShardStream directly yields the rest of the current epoch
+without moving it). When the last batch of an epoch is handed out the position becomes (epoch + 1, 0).
+So:
+
+* `for batch in loader` runs the rest of the current epoch; the next `for` runs the next epoch.
+* `ds.set_epoch(e)` / `loader.set_epoch(e)` starts epoch e from its first batch, unless e already is the
+  position's epoch (then it is a no-op, so a resumed mid-epoch position survives the usual
+  `for epoch in range(start, E): ds.set_epoch(epoch); for batch in loader: ...`).
+* `loader.state_dict()` is a few integers; `load_state_dict` restores the position, skipping in the
+  plan (no skipped batch is read). Across world sizes the position is carried as the number of *global*
+  batches consumed (`batches_done * world_size`, i.e. the prefix of the epoch's batch list that all ranks
+  together have taken); a loader with world size W' resumes at `global // W'`, so at most W' - 1 global
+  batches are seen twice and none is skipped.
+
+Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
+the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
+`drop_last=True` drops the last num_batches % world_size, so each sequence is seen at most once. With
+world_size 1 every item (a sequence, or each window of a long one) is yielded exactly once per epoch.
+
+Workers hold the position in a small shared-memory tensor, so persistent workers see `set_epoch` and
+`load_state_dict` made in the main process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from streamtrain.data import bucketing
+from streamtrain.data.reader import ShardReader
+from streamtrain.errors import DataError, UserError
+from streamtrain.format import Index, read_index
+
+__all__ = ["Batch", "ShardStream", "Loader", "make_loader"]
+
+
+@dataclass
+class Batch:
+    """A padded batch. Rows are items: whole sequences, or windows of sequences longer than max_len."""
+
+    x: torch.Tensor  # float32 (B, T, D), zero right-padding
+    mask: torch.Tensor  # bool (B, T), True on real vectors
+    lengths: torch.Tensor  # int64 (B,) real vectors per row
+    ids: torch.Tensor  # int64 (B,) global sequence id (position in the dataset)
+    offsets: torch.Tensor  # int64 (B,) first vector of the row within its sequence (0 unless windowed)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def num_padded_tokens(self) -> int:
+        return self.x.shape[0] * self.x.shape[1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def _map(self, fn) -> "Batch":
+        return Batch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader's pin-memory thread."""
+        return self._map(lambda t: t.pin_memory())
+
+
+class ShardStream(IterableDataset):
+    """Token-budget batches from a dataset folder, for one rank; see the module docstring for the order.
+
+    root: dataset folder (index.json, lengths.npy, shards/).
+    max_tokens: bound on padded tokens B * T of every batch.
+    seed, shuffle: the order is a pure function of (seed, epoch, world_size); shuffle=False gives a fixed
+        order (id order within ascending buckets), for evaluation.
+    rank, world_size: this process's share of every epoch.
+    max_len: longer sequences become windows overlapping by one vector (default: max_tokens rounded down
+        to pad_multiple, the longest row a batch can hold).
+    drop_last: remainder policy when the batch count is not a multiple of world_size.
+    ids: optional global ids to use (e.g. a train/val split from `bucketing.split_ids`).
+    pad_multiple: padded T is a multiple of this.
+    max_shapes: most distinct padded T values (see `bucketing.bucket_bounds`).
+
+    Only index.json and lengths.npy are read here; shards are memory-mapped lazily in the process that
+    iterates, so the object pickles small into DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        max_tokens: int = 8192,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        max_len: int | None = None,
+        drop_last: bool = False,
+        ids: np.ndarray | None = None,
+        pad_multiple: int = 8,
+        max_shapes: int = 128,
+    ):
+        super().__init__()
+        if pad_multiple < 1:
+            raise UserError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        longest = max_tokens // pad_multiple * pad_multiple
+        if longest < 2:
+            raise UserError(
+                f"max_tokens={max_tokens} is too small: it must be >= max(2, pad_multiple={pad_multiple}) "
+                "so that a batch holds one padded row"
+            )
+        if max_len is None:
+            max_len = longest
+        if not 2 <= max_len <= longest:
+            raise UserError(
+                f"max_len={max_len} must be in [2, {longest}] (max_tokens={max_tokens} rounded down to a multiple "
+                f"of pad_multiple={pad_multiple}, so that one padded row fits a batch)"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.index: Index = read_index(root)
+        self.dim = self.index.dim
+        self.max_tokens = int(max_tokens)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.max_len = int(max_len)
+        self.drop_last = bool(drop_last)
+        self.pad_multiple = int(pad_multiple)
+        self._check_shard_files()
+
+        lengths = self.index.lengths()
+        if ids is None:
+            self.items = bucketing.window_items(lengths, self.max_len)
+        else:
+            ids = np.unique(np.asarray(ids, dtype=np.int64))
+            if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
+                raise UserError(f"ids must be in [0, {self.index.num_sequences}), got {ids[0]}..{ids[-1]}")
+            self.items = bucketing.window_items(lengths[ids], self.max_len, ids)
+        self.bounds = bucketing.bucket_bounds(self.items.lengths, self.pad_multiple, max_shapes)
+        # Batch counts per bucket do not depend on the shuffle, so they are the same in every epoch.
+        self._num_global_batches = bucketing.plan_epoch(
+            self.items.lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False
+        ).num_batches
+        self._num_batches = len(
+            bucketing.deal_batches(self._num_global_batches, 0, self.world_size, self.drop_last)
+        )
+        self._epoch = 0
+        self._batches_done = 0
+        # (epoch, first batch) of the iteration about to start, read by DataLoader workers when they
+        # (re)start; shared memory so that persistent workers see positions set in the main process
+        self._iteration_start = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._reader: ShardReader | None = None
+        self._plan_cache: tuple[int, bucketing.Plan] | None = None
+
+    def _check_shard_files(self) -> None:
+        for info in self.index.shards:
+            path = self.index.root / info.file
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{path}: shard file is missing") from None
+            if size != info.bytes:
+                raise DataError(f"{path}: {size} bytes, index.json says {info.bytes} (truncated or replaced shard)")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        state["_plan_cache"] = None
+        return state
+
+    # -- sizes and position ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch (the same in every epoch and on every rank)."""
+        return self._num_batches
+
+    @property
+    def num_global_batches(self) -> int:
+        """Batches in an epoch's plan before dealing to ranks."""
+        return self._num_global_batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batches_done(self) -> int:
+        """Rank-local number of the next batch of `epoch` to yield."""
+        return self._batches_done
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch; a no-op when the position already is in `epoch`."""
+        if int(epoch) != self.epoch:
+            self._set_position(int(epoch), 0)
+
+    def _set_position(self, epoch: int, batches_done: int, publish: bool = True) -> None:
+        if batches_done >= self._num_batches > 0:
+            epoch, batches_done = epoch + 1, 0
+        self._epoch, self._batches_done = epoch, batches_done
+        if publish:
+            self._publish_position()
+
+    def _publish_position(self) -> None:
+        self._iteration_start[0] = self._epoch
+        self._iteration_start[1] = self._batches_done
+
+    # -- plan -----------------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> bucketing.Plan:
+        """The global batch list of `epoch` (cached for the last epoch asked)."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            plan = bucketing.plan_epoch(self.items.lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle)
+            self._plan_cache = (epoch, plan)
+        return self._plan_cache[1]
+
+    def rank_batches(self) -> np.ndarray:
+        """Epoch batch numbers (into `plan(epoch)`) this rank yields, in order; the same for every epoch."""
+        return bucketing.deal_batches(self._num_global_batches, self.rank, self.world_size, self.drop_last)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    @property
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            self._reader = ShardReader(self.index)
+        return self._reader
+
+    def make_batch(self, item_indices: np.ndarray, padded_len: int, shared: bool = False) -> Batch:
+        """Copy the items into one zero-padded (B, T, D) array; `shared`: allocate it in shared memory so a
+        DataLoader worker hands it to the main process without another copy."""
+        ids = self.items.ids[item_indices]
+        offsets = self.items.offsets[item_indices]
+        lengths = self.items.lengths[item_indices]
+        shape = (len(item_indices), padded_len, self.dim)
+        if shared:
+            x = _shared_empty(shape)
+            out = x.numpy()
+            out.fill(0)
+        else:
+            # numpy, not torch.zeros: calloc'd pages, no intra-op thread pool for a 1 MB fill
+            out = np.zeros(shape, dtype=np.float32)
+            x = torch.from_numpy(out)
+        self.reader.gather(out, ids, offsets, lengths)
+        mask = torch.from_numpy(np.arange(padded_len)[None, :] < lengths[:, None])
+        return Batch(
+            x=x,
+            mask=mask,
+            lengths=torch.from_numpy(lengths.astype(np.int64, copy=False)),
+            ids=torch.from_numpy(ids),
+            offsets=torch.from_numpy(offsets),
+        )
+
+    def __iter__(self):
+        # Not a generator function: the start is read now, when DataLoader (re)starts the worker, not at
+        # the first batch, by which time the main process may have moved on.
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        epoch, start = (int(v) for v in self._iteration_start.tolist())
+        return self._batches(epoch, start, worker, num_workers, shared=info is not None)
+
+    def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
+        plan = self.plan(epoch)
+        mine = self.rank_batches()
+        for k in range(start + worker, len(mine), num_workers):
+            items, padded_len = plan.batch(int(mine[k]))
+            yield self.make_batch(items, padded_len, shared=shared)
+
+
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+class Loader:
+    """A DataLoader over a ShardStream that keeps the stream's position; iterate it once per epoch.
+
+    state_dict() -> {"epoch", "batches_done", "global_batches_done", "seed", "world_size", "num_batches",
+    "num_items"}: the next batch after load_state_dict() is exactly the next batch the saved loader would
+    have yielded (also with another num_workers; with another world_size see the module docstring).
+    """
+
+    def __init__(self, dataset: ShardStream, **dataloader_kwargs):
+        self.dataset = dataset
+        self._kwargs = dataloader_kwargs
+        self._dataloader: DataLoader | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def batches_done(self) -> int:
+        return self.dataset.batches_done
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        ds = self.dataset
+        if self._dataloader is None:
+            self._dataloader = DataLoader(ds, batch_size=None, **self._kwargs)
+        epoch = ds.epoch
+        ds._publish_position()  # read by the stream's __iter__ (in each worker) when iter() starts them
+        it = iter(self._dataloader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                self._close_workers(it)
+                raise DataError(_worker_message(str(e))) from None
+            if ds.epoch != epoch:
+                raise RuntimeError("the stream's position changed while a Loader was iterating it")
+            # the running iteration's workers already hold their start: only the main process's count moves
+            ds._set_position(epoch, ds.batches_done + 1, publish=False)
+            yield batch
+
+    def _close_workers(self, it) -> None:
+        # Left to garbage collection, workers of a failed iterator take seconds to join; the next
+        # iteration starts fresh ones.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if self._dataloader is not None and getattr(self._dataloader, "_iterator", None) is it:
+            self._dataloader._iterator = None
+
+    def state_dict(self) -> dict:
+        ds = self.dataset
+        return {
+            "epoch": ds.epoch,
+            "batches_done": ds.batches_done,
+            "global_batches_done": ds.batches_done * ds.world_size,
+            "seed": ds.seed,
+            "world_size": ds.world_size,
+            "num_batches": ds.num_batches(),
+            "num_items": len(ds.items),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ds = self.dataset
+        if state["seed"] != ds.seed:
+            raise UserError(f"loader state was saved with seed {state['seed']}, this stream has seed {ds.seed}")
+        if state["num_items"] != len(ds.items):
+            raise UserError(
+                f"loader state was saved for {state['num_items']} items, this stream plans {len(ds.items)} "
+                "(another dataset, ids, or max_len?)"
+            )
+        if state["world_size"] == ds.world_size:
+            if state["num_batches"] != ds.num_batches():
+                raise UserError(
+                    f"loader state was saved with {state['num_batches']} batches per epoch, this stream has "
+                    f"{ds.num_batches()} (another max_tokens or drop_last?)"
+                )
+            done = state["batches_done"]
+        else:
+            done = state["global_batches_done"] // ds.world_size
+        ds._set_position(int(state["epoch"]), int(done))
+
+
+def _worker_message(message: str) -> str:
+    """The original one-line message of a DataError re-raised by DataLoader from a worker (which prefixes
+    "Caught DataError in DataLoader worker process N" and the worker's traceback)."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    at = message.rfind(marker)
+    return message[at + len(marker) :].strip() if at >= 0 else message
+
+
+def make_loader(
+    dataset: ShardStream,
+    num_workers: int = 2,
+    pin_memory: bool = True,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+    multiprocessing_context: str | None = None,
+) -> Loader:
+    """A Loader over `dataset`: DataLoader with batch_size=None (the stream batches), pinned memory only
+    when CUDA is available, `prefetch_factor` batches in flight per worker, workers kept across epochs.
+
+    Workers build batches in shared memory and DataLoader hands them over by file descriptor, which costs
+    more per batch than building it (a few memcpys); workers pay off when the main process is busy
+    driving an accelerator, while num_workers=0 is the fastest when it is not (benchmarks/bench_loader.py).
+    """
+    kwargs: dict = {"num_workers": num_workers, "pin_memory": bool(pin_memory and torch.cuda.is_available())}
+    if num_workers > 0:
+        kwargs.update(
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            multiprocessing_context=multiprocessing_context,
+        )
+    return Loader(dataset, **kwargs)

@@ -1,0 +1,281 @@
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_dataset
+
+from streamtrain.data import Batch, Loader, ShardStream, make_loader
+from streamtrain.errors import DataError, UserError
+from streamtrain.format import read_index
+
+DIM = 5
+NUM_SEQUENCES = 117
+MAX_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """117 sequences with a heavy tail (some longer than MAX_TOKENS, so windowed), over several shards."""
+    rng = np.random.default_rng(0)
+    lengths = np.maximum(1, np.round(rng.lognormal(np.log(20), 1.3, NUM_SEQUENCES))).astype(int)
+    lengths[:3] = [700, 300, 257]
+    seqs = [rng.standard_normal((int(t), DIM)).astype(np.float32) for t in lengths]
+    root = tmp_path_factory.mktemp("stream") / "ds"
+    index = write_dataset(root, seqs, shard_bytes=12_000)
+    assert len(index.shards) > 3
+    return root, seqs
+
+
+def _stream(root, **kw):
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    return ShardStream(root, **kw)
+
+
+def _run(loader, limit=None):
+    out = []
+    if limit == 0:
+        return out
+    for batch in loader:
+        out.append(batch)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def _items(batches):
+    return [(i, o) for b in batches for i, o in zip(b.ids.tolist(), b.offsets.tolist())]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("x", "mask", "lengths", "ids", "offsets"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_one_epoch_yields_every_item_once_bit_exact_and_zero_padded(data):
+    root, seqs = data
+    ds = _stream(root, seed=1)
+    batches = _run(make_loader(ds, num_workers=0))
+    assert len(batches) == ds.num_batches() == len(ds)
+    items = _items(batches)
+    assert len(items) == len(set(items)) == len(ds.items)
+    assert {i for i, _ in items} == set(range(NUM_SEQUENCES))
+    for b in batches:
+        B, T, D = b.x.shape
+        assert b.x.dtype == torch.float32 and D == DIM and T % 8 == 0
+        assert b.num_padded_tokens == B * T <= MAX_TOKENS
+        assert b.num_real_tokens == int(b.mask.sum())
+        assert torch.equal(b.mask, torch.arange(T)[None, :] < b.lengths[:, None])
+        assert not b.x[~b.mask].any()  # padding is exactly zero
+        for j in range(B):
+            i, o, n = int(b.ids[j]), int(b.offsets[j]), int(b.lengths[j])
+            assert torch.equal(b.x[j, :n], torch.from_numpy(seqs[i][o : o + n]))
+
+
+def test_windows_of_long_sequences_reassemble_the_original(data):
+    root, seqs = data
+    ds = _stream(root, max_len=64)
+    windows = {}
+    for b in _run(make_loader(ds, num_workers=0)):
+        for j in range(len(b)):
+            n = int(b.lengths[j])
+            windows.setdefault(int(b.ids[j]), []).append((int(b.offsets[j]), b.x[j, :n].numpy()))
+    assert sum(len(seqs[i]) > 64 for i in windows) >= 3
+    for i, parts in windows.items():
+        parts.sort(key=lambda p: p[0])
+        # consecutive windows share one vector
+        rebuilt = np.concatenate([parts[0][1]] + [p[1][1:] for p in parts[1:]])
+        assert np.array_equal(rebuilt, seqs[i])
+        assert all(len(p[1]) <= 64 for p in parts)
+
+
+def test_same_seed_and_epoch_give_the_same_stream_another_epoch_another(data):
+    root, _ = data
+    a = _run(make_loader(_stream(root, seed=5), num_workers=0))
+    b = _run(make_loader(_stream(root, seed=5), num_workers=0))
+    _assert_same(a, b)
+    ds = _stream(root, seed=5)
+    ds.set_epoch(1)
+    c = _run(make_loader(ds, num_workers=0))
+    assert [x.ids.tolist() for x in a] != [x.ids.tolist() for x in c]
+    assert sorted(_items(a)) == sorted(_items(c))
+
+
+def test_unshuffled_stream_is_the_same_every_epoch(data):
+    root, _ = data
+    loader = make_loader(_stream(root, shuffle=False), num_workers=0)
+    first, second = _run(loader), _run(loader)
+    assert loader.epoch == 2
+    _assert_same(first, second)
+    widths = [b.x.shape[1] for b in first]
+    assert widths == sorted(widths)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_get_equal_batch_counts_and_cover_the_epoch(data, world_size, drop_last):
+    root, _ = data
+    per_rank = [
+        _run(make_loader(_stream(root, seed=2, rank=r, world_size=world_size, drop_last=drop_last), num_workers=0))
+        for r in range(world_size)
+    ]
+    counts = {len(p) for p in per_rank}
+    assert len(counts) == 1
+    num_items = len(_stream(root).items)
+    seen = Counter(item for p in per_rank for item in _items(p))
+    global_batches = _stream(root).num_global_batches
+    if drop_last:
+        assert max(seen.values()) == 1
+        assert counts.pop() == global_batches // world_size
+    else:
+        assert len(seen) == num_items
+        assert counts.pop() == -(-global_batches // world_size)
+        # fewer than world_size batches repeat
+        assert sum(seen.values()) - num_items <= (world_size - 1) * MAX_TOKENS // 8
+
+
+def test_rank_stream_does_not_depend_on_num_workers(data):
+    root, _ = data
+    solo = _run(make_loader(_stream(root, seed=3, rank=1, world_size=2), num_workers=0))
+    pooled = _run(make_loader(_stream(root, seed=3, rank=1, world_size=2), num_workers=2))
+    _assert_same(solo, pooled)
+
+
+def test_resume_mid_epoch_and_across_epochs_is_exact(data):
+    root, _ = data
+    reference = make_loader(_stream(root, seed=4), num_workers=0)
+    epoch0, epoch1 = _run(reference), _run(reference)
+    n = len(epoch0)
+    for stop in (0, 7, n - 1, n, n + 5):
+        loader = make_loader(_stream(root, seed=4), num_workers=0)
+        _run(loader, limit=n)  # epoch 0 in full when stop >= n
+        if stop < n:
+            loader = make_loader(_stream(root, seed=4), num_workers=0)
+            _run(loader, limit=stop)
+        elif stop > n:
+            _run(loader, limit=stop - n)
+        state = loader.state_dict()
+        assert set(state) >= {"epoch", "batches_done", "seed", "world_size", "num_batches"}
+        resumed = make_loader(_stream(root, seed=4), num_workers=0)
+        resumed.load_state_dict(state)
+        expected = (epoch0 + epoch1)[stop:]
+        got = _run(resumed) + (_run(resumed) if stop < n else [])
+        _assert_same(got, expected)
+
+
+def test_resume_with_another_num_workers_is_exact(data):
+    root, _ = data
+    reference = _run(make_loader(_stream(root, seed=6), num_workers=0))
+    loader = make_loader(_stream(root, seed=6), num_workers=0)
+    _run(loader, limit=5)
+    resumed = make_loader(_stream(root, seed=6), num_workers=2, persistent_workers=True)
+    resumed.load_state_dict(loader.state_dict())
+    _assert_same(_run(resumed), reference[5:])
+    # the persistent workers pick up the next epoch and a set_epoch made in the main process
+    nxt = _run(resumed)
+    resumed.set_epoch(1)
+    again = _run(resumed)
+    _assert_same(nxt, again)
+    ds = _stream(root, seed=6)
+    ds.set_epoch(1)
+    _assert_same(nxt, _run(make_loader(ds, num_workers=0)))
+
+
+def test_resume_with_another_world_size_continues_the_global_position(data):
+    root, _ = data
+    loaders = [make_loader(_stream(root, seed=7, rank=r, world_size=2), num_workers=0) for r in range(2)]
+    for loader in loaders:
+        _run(loader, limit=4)
+    state = loaders[0].state_dict()
+    assert state["global_batches_done"] == 8
+    ds3 = _stream(root, seed=7, rank=1, world_size=3)
+    resumed = make_loader(ds3, num_workers=0)
+    resumed.load_state_dict(state)
+    assert resumed.batches_done == 8 // 3
+    plan = ds3.plan(0)
+    first = _run(resumed, limit=1)[0]
+    items, _ = plan.batch(int(ds3.rank_batches()[8 // 3]))
+    assert first.ids.tolist() == ds3.items.ids[items].tolist()
+
+
+def test_set_epoch_keeps_a_resumed_position_and_restarts_otherwise(data):
+    root, _ = data
+    ds = _stream(root)
+    loader = make_loader(ds, num_workers=0)
+    _run(loader, limit=3)
+    ds.set_epoch(0)
+    assert (ds.epoch, ds.batches_done) == (0, 3)
+    ds.set_epoch(2)
+    assert (ds.epoch, ds.batches_done) == (2, 0)
+    _run(loader)
+    assert (loader.epoch, loader.batches_done) == (3, 0)
+
+
+def test_load_state_dict_rejects_a_state_from_another_plan(data):
+    root, _ = data
+    state = make_loader(_stream(root, seed=1), num_workers=0).state_dict()
+    with pytest.raises(UserError, match="seed"):
+        make_loader(_stream(root, seed=2), num_workers=0).load_state_dict(state)
+    with pytest.raises(UserError, match="batches per epoch"):
+        make_loader(_stream(root, seed=1, max_tokens=512, max_len=MAX_TOKENS), num_workers=0).load_state_dict(state)
+
+
+def test_ids_subset_yields_only_those_ids(data):
+    root, _ = data
+    subset = np.arange(0, NUM_SEQUENCES, 3)
+    batches = _run(make_loader(_stream(root, ids=subset, shuffle=False), num_workers=0))
+    assert sorted({i for i, _ in _items(batches)}) == subset.tolist()
+
+
+def test_stream_pickles_small_before_reading(data):
+    root, _ = data
+    ds = _stream(root)
+    blob = pickle.dumps(ds)
+    assert ds._reader is None and len(blob) < 64_000
+    next(iter(ds))
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._reader is None
+    _assert_same([next(iter(clone))], [next(iter(ds))])
+
+
+def test_batch_moves_and_pin_memory_flag_is_ignored_without_cuda(data):
+    root, _ = data
+    loader = make_loader(_stream(root), num_workers=0, pin_memory=True)
+    batch = next(iter(loader))
+    assert isinstance(loader, Loader) and isinstance(batch, Batch)
+    moved = batch.to("cpu")
+    assert torch.equal(moved.x, batch.x) and moved.ids.dtype == torch.int64
+    if not torch.cuda.is_available():
+        assert loader._dataloader.pin_memory is False
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_missing_shard_raises_a_readable_data_error(data, tmp_path, num_workers):
+    root, seqs = data
+    copy = tmp_path / "ds"
+    write_dataset(copy, seqs, shard_bytes=12_000)
+    ds = _stream(copy, shuffle=False)
+    victim = copy / read_index(copy).shards[-1].file
+    victim.unlink()
+    with pytest.raises(DataError) as err:
+        _run(make_loader(ds, num_workers=num_workers))
+    message = str(err.value)
+    assert victim.name in message and "missing" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_stream_checks_shard_files_and_arguments_up_front(data, tmp_path):
+    root, seqs = data
+    copy = tmp_path / "ds"
+    write_dataset(copy, seqs, shard_bytes=12_000)
+    shard = copy / read_index(copy).shards[0].file
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=shard.name):
+        _stream(copy)
+    with pytest.raises(UserError, match="max_len"):
+        _stream(root, max_len=MAX_TOKENS + 8)
+    with pytest.raises(UserError, match="rank"):
+        _stream(root, rank=2, world_size=2)
