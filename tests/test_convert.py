@@ -1,0 +1,456 @@
+"""Tests for streamtrain.convert: parsing contract, rejects, formats, determinism, reuse, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamtrain import convert as cv
+from streamtrain import format as fmt
+from streamtrain.errors import DataError, UserError
+
+DIM = 28
+BACKENDS = ["orjson"] + (["simdjson"] if cv.parser_backend("auto").name == "simdjson" else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("STREAMTRAIN_JSON_BACKEND", request.param)
+    return request.param
+
+
+def _vec_text(rng, dim=DIM) -> list[str]:
+    """Decimal texts like real encodings: mostly 0/1 integers, some 6-significant-digit floats."""
+    out = []
+    for j in range(dim):
+        if j < dim - 6:
+            out.append(str(int(rng.integers(0, 2))))
+        else:
+            out.append(f"{rng.random() * 10.0 ** rng.integers(-3, 3):.6g}")
+    return out
+
+
+def _record(vectors: list[list[str]]) -> str:
+    return "[" + ", ".join("[" + ", ".join(v) + "]" for v in vectors) + "]"
+
+
+def _expected(vectors: list[list[str]]) -> np.ndarray:
+    return np.array([[np.float32(float(t)) for t in v] for v in vectors], dtype=np.float32)
+
+
+def _read_dataset(root) -> list[tuple[str, int, np.ndarray]]:
+    index = fmt.read_index(root)
+    rows = []
+    for s in index.shards:
+        t = fmt.open_shard(Path(root) / s.file)
+        for seq, path, line in zip(t.column("sequence").to_pylist(), t.column("path").to_pylist(), t.column("line").to_pylist()):
+            rows.append((path, line, np.array(seq, dtype=np.float32)))
+    return rows
+
+
+def _write_corpus(folder: Path, n_files=7, records_per_file=17, seed=0) -> dict[tuple[str, int], list[list[str]]]:
+    """Mixed .jsonl and .json files; returns {(path, line): vectors as text}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for f in range(n_files):
+        if f % 3 == 2:
+            path = folder / "sub" / f"single-{f:02d}.json"
+            path.parent.mkdir(exist_ok=True)
+            vecs = [_vec_text(rng) for _ in range(int(rng.integers(2, 40)))]
+            path.write_text(_record(vecs))
+            expected[(os.path.normpath(str(path)), 1)] = vecs
+            continue
+        path = folder / f"part-{f:02d}.jsonl"
+        lines = []
+        for r in range(records_per_file):
+            vecs = [_vec_text(rng) for _ in range(int(rng.integers(2, 60)))]
+            lines.append(_record(vecs))
+            expected[(os.path.normpath(str(path)), r + 1)] = vecs
+        path.write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def _check_matches(out: Path, expected: dict) -> None:
+    rows = _read_dataset(out)
+    assert len(rows) == len(expected)
+    for path, line, arr in rows:
+        want = _expected(expected[(path, line)])
+        assert arr.tobytes() == want.tobytes(), (path, line)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+
+
+def _tricky_decimals(rng, n=300) -> list[str]:
+    """Decimal texts on and around float32 rounding midpoints (double rounding happens there), and integers."""
+    texts = []
+    for x in rng.standard_normal(n).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, n).astype(np.float32):
+        x = np.float32(x)
+        y = np.nextafter(x, np.float32(np.inf), dtype=np.float32)
+        mid = (Decimal(float(x)) + Decimal(float(y))) / 2  # exact midpoint between two float32 neighbours
+        ulp64 = Decimal(float(np.spacing(np.float64(float(mid)))))
+        for d in (mid, mid + ulp64 / 4, mid - ulp64 / 4, mid + ulp64 * 3 / 4):
+            texts.append(format(d, "f") if abs(d) > Decimal("1e-5") and abs(d) < Decimal("1e15") else format(d, "e"))
+        texts.append(f"{float(x):.9g}")
+        texts.append(repr(float(mid)))
+    texts += ["0", "-0", "-0.0", "1", "16777217", "16777219", "9007199254740993", "18446744073709551615",
+              "123456789012345678901234567890", "-123456789012345678901234567890", "3.4028234663852886e38",
+              "-3.4028234663852886e38", "1e-46", "1.401298464324817e-45", "7.0064923216240854e-46", "1E3", "2.5e+2"]
+    return texts
+
+
+def test_values_are_float32_of_the_float64_parse_bit_exact(tmp_path, backend):
+    texts = _tricky_decimals(np.random.default_rng(1))
+    texts += ["0"] * (-len(texts) % DIM)
+    vectors = [texts[i:i + DIM] for i in range(0, len(texts), DIM)]
+    src = tmp_path / "v.jsonl"
+    # One record of everything, one record per pair of vectors, so both block and per-record paths see them.
+    lines = [_record(vectors)] + [_record(vectors[i:i + 2]) for i in range(0, len(vectors) - 1, 2)]
+    src.write_text("\n".join(lines) + "\n")
+    cv.convert([src], tmp_path / "out", workers=1)
+    rows = _read_dataset(tmp_path / "out")
+    assert rows[0][2].tobytes() == _expected(vectors).tobytes()
+    for k, (_, line, arr) in enumerate(rows[1:]):
+        assert arr.tobytes() == _expected(vectors[2 * k:2 * k + 2]).tobytes(), line
+
+
+def test_parse_record_matches_numpy_of_float_of_text():
+    texts = _tricky_decimals(np.random.default_rng(2), n=50)[:56]
+    arr = cv.parse_record("[" + ",".join(f"[{a},{b}]" for a, b in zip(texts[0::2], texts[1::2])) + "]", dim=2)
+    assert arr.reshape(-1).tobytes() == np.array([np.float32(float(t)) for t in texts], np.float32).tobytes()
+
+
+def test_round_trip_mixed_corpus(tmp_path, backend):
+    expected = _write_corpus(tmp_path / "src")
+    result = cv.convert([tmp_path / "src"], tmp_path / "out", workers=1)
+    _check_matches(tmp_path / "out", expected)
+    assert result.num_sequences == len(expected) == result.num_records
+    index = fmt.read_index(tmp_path / "out")
+    assert fmt.verify_dataset(index) == []
+    all_values = np.concatenate([a for _, _, a in _read_dataset(tmp_path / "out")]).astype(np.float64)
+    np.testing.assert_allclose(index.mean, all_values.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(index.std, all_values.std(0), rtol=1e-9, atol=1e-12)
+    assert list(index.lengths()) == [len(a) for _, _, a in _read_dataset(tmp_path / "out")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input forms
+
+
+def test_bom_crlf_blank_lines_pretty_json_and_objects(tmp_path, backend):
+    rng = np.random.default_rng(3)
+    v = [[_vec_text(rng, 3) for _ in range(n)] for n in (2, 3, 4, 5, 2)]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + f"{_record(v[0])}\r\n\r\n   \r\n{_record(v[1])}\r\n".encode())
+    (src / "b.json").write_text(json.dumps([[float(t) if "." in t else int(t) for t in vec] for vec in v[2]], indent=2))
+    (src / "c.json").write_text(f"{_record(v[3])}\n\n{json.dumps({'sequence': [[float(t) for t in vec] for vec in v[4]], 'id': 'x'})}\n")
+    (src / "d.jsonl").write_text(json.dumps({"sequence": [[1, 2, 3], [4, 5, 6]]}) + "\n")
+    (src / "notes.txt").write_text("ignored")
+    (src / "e.json").write_bytes(b"\xef\xbb\xbf" + _record(v[0]).encode())
+    r = cv.convert([src], tmp_path / "out", workers=1, dim=3)
+    assert (r.num_sequences, r.num_rejected, r.num_ignored_files) == (7, 0, 1)
+    rows = _read_dataset(tmp_path / "out")
+    got = {(Path(p).name, ln): a for p, ln, a in rows}
+    assert got[("a.jsonl", 1)].tobytes() == _expected(v[0]).tobytes()
+    assert got[("a.jsonl", 4)].tobytes() == _expected(v[1]).tobytes()
+    assert got[("b.json", 1)].tobytes() == _expected(v[2]).tobytes()
+    assert got[("c.json", 1)].tobytes() == _expected(v[3]).tobytes()
+    assert got[("c.json", 3)].tobytes() == _expected(v[4]).tobytes()
+    assert got[("d.jsonl", 1)].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert got[("e.json", 1)].tobytes() == _expected(v[0]).tobytes()
+
+
+def test_dim_is_taken_from_first_valid_record(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text('not json\n[[1]]\n[[1,2,3],[4,5,6]]\n[[1,2],[3,4]]\n')
+    r = cv.convert([src], tmp_path / "out", on_error="skip", workers=1)
+    assert r.index.dim == 3
+    assert (r.num_sequences, r.num_rejected, r.num_records) == (1, 3, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rejects
+
+BAD_RECORDS = {
+    "invalid": ("[[1,2],[3,4]", "not valid JSON"),
+    "nan": ("[[1,2],[NaN,4]]", "NaN is not allowed"),
+    "infinity": ("[[1,2],[-Infinity,4]]", "Infinity is not allowed"),
+    "string": ('[[1,2],["3",4]]', "is a string"),
+    "bool": ("[[1,2],[true,4]]", "is true"),
+    "null": ("[[1,2],[null,4]]", "is null"),
+    "ragged": ("[[1,2],[3,4,5]]", "has 3 values, expected 2"),
+    "flat": ("[1,2,3,4]", "is a number, expected an array"),
+    "not_array": ('"text"', "expected an array of vectors, got a string"),
+    "no_sequence": ('{"seq": [[1,2],[3,4]]}', 'no "sequence" key'),
+    "overflow": ("[[1,2],[3.5e38,4]]", "overflows float32"),
+    "overflow_int": ("[[1,2],[1000000000000000000000000000000000000000,4]]", "overflows float32"),
+    "short": ("[[1,2]]", "at least 2 are needed"),
+    "empty": ("[]", "at least 2 are needed"),
+    "nested": ("[[[1,2]],[[3,4]]]", "is an array, expected a number"),
+    "not_utf8": (b"[[1,2],[3,4]]\xff".decode("latin-1"), "not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_each_rejection_class_in_both_modes(tmp_path, kind, backend):
+    bad, reason = BAD_RECORDS[kind]
+    good = "[[1,2],[3,4],[5,6]]"
+    src = tmp_path / "in.jsonl"
+    body = f"{good}\n{good}\n".encode() + (bad.encode("latin-1") if kind == "not_utf8" else bad.encode()) + f"\n{good}\n".encode()
+    src.write_bytes(body)
+    with pytest.raises(DataError) as e:
+        cv.convert([src], tmp_path / "fail", workers=1, dim=2)
+    msg = str(e.value)
+    assert f"{src}:3:" in msg and reason in msg and "\n" not in msg
+    assert not (tmp_path / "fail" / "index.json").exists()
+
+    r = cv.convert([src], tmp_path / "skip", workers=1, dim=2, on_error="skip")
+    assert (r.num_sequences, r.num_rejected, r.num_records) == (3, 1, 4)
+    rejects = [json.loads(x) for x in (tmp_path / "skip" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["path"] == str(src) and rejects[0]["line"] == 3
+    assert reason in rejects[0]["reason"]
+    index = fmt.read_index(tmp_path / "skip")
+    assert index.num_rejected == 1 and index.extra["num_records"] == 4
+    assert [ln for _, ln, _ in _read_dataset(tmp_path / "skip")] == [1, 2, 4]
+
+
+def test_truncated_single_json_document_is_one_reject(tmp_path):
+    (tmp_path / "a.json").write_text('[\n  [1, 2],\n  [3, 4\n')
+    (tmp_path / "b.json").write_text('[[1, 2], [3, 4]]')
+    r = cv.convert([tmp_path], tmp_path.parent / "out_trunc", workers=1, on_error="skip")
+    assert (r.num_sequences, r.num_rejected) == (1, 1)
+    reject = json.loads((tmp_path.parent / "out_trunc" / "rejects.jsonl").read_text())
+    assert reject["line"] == 1 and "not valid JSON" in reject["reason"]
+
+
+def test_many_rejects_counts_reconcile_with_workers(tmp_path):
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(117):
+        if i % 7 == 3:
+            lines.append("[[1,2],[3]]")
+        else:
+            lines.append(_record([[f"{x:.4g}" for x in rng.random(2)] for _ in range(int(rng.integers(2, 9)))]))
+    for f in range(3):
+        (tmp_path / f"f{f}.jsonl").write_text("\n".join(lines) + "\n")
+    r = cv.convert([tmp_path], tmp_path.parent / "out_many", workers=2, on_error="skip", shard_mb=0.002)
+    assert r.num_records == 3 * 117 and r.num_sequences + r.num_rejected == r.num_records
+    assert r.num_rejected == 3 * len([i for i in range(117) if i % 7 == 3])
+    rejects = [json.loads(x) for x in (tmp_path.parent / "out_many" / "rejects.jsonl").read_text().splitlines()]
+    assert [(Path(x["path"]).name, x["line"]) for x in rejects] == [
+        (f"f{f}.jsonl", i + 1) for f in range(3) for i in range(117) if i % 7 == 3
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism, splitting, reuse
+
+
+def _shard_digests(root) -> list[str]:
+    return [s.sha256 for s in fmt.read_index(root).shards]
+
+
+def test_same_bytes_for_any_worker_count_and_split(tmp_path, backend):
+    expected = _write_corpus(tmp_path / "src", n_files=9, records_per_file=31, seed=7)
+    results = {}
+    for workers, shard_mb in ((1, 0.05), (2, 0.05), (1, 1.0), (2, 1.0)):
+        out = tmp_path / f"out-{workers}-{shard_mb}"
+        cv.convert([tmp_path / "src"], out, workers=workers, shard_mb=shard_mb)
+        _check_matches(out, expected)
+        index = fmt.read_index(out)
+        results[(workers, shard_mb)] = (_shard_digests(out), index.mean.tobytes(), index.std.tobytes(),
+                                        index.lengths().tobytes())
+    assert results[(1, 0.05)] == results[(2, 0.05)]
+    assert results[(1, 1.0)] == results[(2, 1.0)]  # one group: partial tasks + merge vs one task
+    assert len(results[(1, 0.05)][0]) > 3
+
+
+def test_big_jsonl_file_split_at_line_boundaries_keeps_line_numbers(tmp_path):
+    rng = np.random.default_rng(9)
+    vecs = [[_vec_text(rng, 4) for _ in range(int(rng.integers(2, 30)))] for _ in range(117)]
+    text = "\n".join(_record(v) if i % 10 else "" for i, v in enumerate(vecs)) + "\n"
+    (tmp_path / "big.jsonl").write_text(text)
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        r = cv.convert([tmp_path / "big.jsonl"], out, workers=workers, shard_mb=len(text) / 5 / 2**20)
+        assert r.groups_built >= 5
+        rows = _read_dataset(out)
+        assert [ln for _, ln, _ in rows] == [i + 1 for i in range(117) if i % 10]
+        for _, ln, arr in rows:
+            assert arr.tobytes() == _expected(vecs[ln - 1]).tobytes()
+    assert _shard_digests(tmp_path / "out1") == _shard_digests(tmp_path / "out2")
+
+
+def test_rerun_reuses_everything_and_changes_rebuild_only_their_group(tmp_path):
+    src = tmp_path / "src"
+    expected = _write_corpus(src, n_files=12, records_per_file=23, seed=11)
+    out = tmp_path / "out"
+    first = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert first.groups_built > 3 and first.groups_reused == 0
+    again = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert (again.groups_built, again.parsed_bytes) == (0, 0)
+    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    # A touched single-record file (same size, new mtime) is its group's only change.
+    single = next(src.rglob("single-*.json"))
+    os.utime(single, ns=(single.stat().st_atime_ns, single.stat().st_mtime_ns + 10**9))
+    touched = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert touched.groups_built == 1 and 0 < touched.parsed_bytes < 0.02 * 2**20 * 2
+
+    # Change one file (new content, new size): only it is parsed again (all of its groups: it is bigger than
+    # a shard, so it was split into several).
+    target = src / "part-04.jsonl"
+    lines = target.read_text().splitlines()
+    lines[5] = _record([["1"] * DIM, ["0"] * DIM, ["0.5"] * DIM])
+    target.write_text("\n".join(lines) + "\n")
+    expected[(os.path.normpath(str(target)), 6)] = [["1"] * DIM, ["0"] * DIM, ["0.5"] * DIM]
+    changed = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert changed.parsed_bytes == target.stat().st_size
+    assert 1 < changed.groups_built < first.groups_built / 2
+    _check_matches(out, expected)
+    fresh = cv.convert([src], tmp_path / "fresh", workers=2, shard_mb=0.02, force=True)
+    assert fresh.groups_built == first.groups_built
+    a, b = fmt.read_index(out), fmt.read_index(tmp_path / "fresh")
+    assert _shard_digests(out) == _shard_digests(tmp_path / "fresh")
+    assert a.mean.tobytes() == b.mean.tobytes() and a.std.tobytes() == b.std.tobytes()
+    assert a.lengths().tobytes() == b.lengths().tobytes()
+
+    # A removed file drops its sequences; settings changes and --force rebuild everything.
+    (src / "part-00.jsonl").unlink()
+    removed = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert removed.num_sequences == len(expected) - 23
+    assert cv.convert([src], out, workers=1, shard_mb=0.03).groups_reused == 0
+    assert cv.convert([src], out, workers=1, shard_mb=0.03, force=True).groups_reused == 0
+    index = fmt.read_index(out)
+    assert fmt.verify_dataset(index) == []
+    # Only files the index names are left behind.
+    names = {p.name for p in (out / "shards").iterdir()}
+    assert names == {Path(s.file).name for s in index.shards}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("lengths", "sources"))) == sorted(
+        [index.lengths_file, index.extra["convert"]["manifest"]])
+
+
+def test_failed_run_leaves_previous_dataset_untouched(tmp_path):
+    src = tmp_path / "src"
+    _write_corpus(src, n_files=4, records_per_file=9, seed=13)
+    out = tmp_path / "out"
+    cv.convert([src], out, workers=1)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with open(src / "part-00.jsonl", "a") as f:
+        f.write("[[1,2]\n")
+    with pytest.raises(DataError, match=r"part-00\.jsonl:10: not valid JSON"):
+        cv.convert([src], out, workers=2)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crash safety (a real process killed at the worst moments)
+
+_RUN = "import sys; from streamtrain.convert import convert; convert([sys.argv[1]], sys.argv[2], workers=int(sys.argv[3]), shard_mb=0.02)"
+
+
+def _convert_subprocess(src, out, workers, env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", _RUN, str(src), str(out), str(workers)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", [{"STREAMTRAIN_TEST_CRASH_AFTER_SHARDS": "2"}, {"STREAMTRAIN_TEST_CRASH_AT": "before-index"},
+                                  {"STREAMTRAIN_TEST_CRASH_AT": "after-index"}])
+def test_killed_conversion_keeps_old_dataset_and_rerun_completes(tmp_path, hook):
+    src = tmp_path / "src"
+    expected = _write_corpus(src, n_files=8, records_per_file=19, seed=17)
+    out = tmp_path / "out"
+    # No previous dataset: a crash before the commit leaves no index.json.
+    p = _convert_subprocess(src, out, 2, hook)
+    assert p.returncode == 86, p.stderr
+    if hook.get("STREAMTRAIN_TEST_CRASH_AT") != "after-index":
+        assert not (out / "index.json").exists()
+    cv.convert([src], out, workers=1, shard_mb=0.02)
+    _check_matches(out, expected)
+    old_index = (out / "index.json").read_bytes()
+    # With a previous dataset: change every file, crash, and the old dataset is still complete and valid.
+    for f in src.rglob("*.json*"):
+        f.write_text(f.read_text().replace("1", "0", 3))
+    p = _convert_subprocess(src, out, 2, hook)
+    assert p.returncode == 86, p.stderr
+    index = fmt.read_index(out)
+    assert fmt.verify_dataset(index) == []
+    if hook.get("STREAMTRAIN_TEST_CRASH_AT") != "after-index":
+        assert (out / "index.json").read_bytes() == old_index
+        _check_matches(out, expected)
+    r = cv.convert([src], out, workers=2, shard_mb=0.02)
+    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
+    assert r.num_sequences == len(expected)
+
+
+def test_sigkill_during_a_slow_conversion_is_harmless(tmp_path):
+    src = tmp_path / "src"
+    expected = _write_corpus(src, n_files=6, records_per_file=15, seed=19)
+    out = tmp_path / "out"
+    cv.convert([src], out, workers=1)
+    old = (out / "index.json").read_bytes()
+    env = dict(os.environ, STREAMTRAIN_TEST_CRASH_AT="never")
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(src), str(out), "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Forced rebuild (shard_mb differs), killed with its whole process group as soon as it has a staging folder.
+    for _ in range(2000):
+        if proc.poll() is not None or any(p.name.startswith(".staging-") for p in out.iterdir()):
+            break
+        import time
+
+        time.sleep(0.002)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = fmt.read_index(out)
+    assert fmt.verify_dataset(index) == []
+    if (out / "index.json").read_bytes() == old:
+        _check_matches(out, expected)
+    cv.convert([src], out, workers=1)
+    _check_matches(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder and argument errors
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        cv.convert([tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_text("x")
+    with pytest.raises(UserError, match=r"no \.json or \.jsonl files .*1 other files ignored"):
+        cv.convert([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("[[1,2],[3,4]]\n")
+    with pytest.raises(UserError, match="--dim must be >= 1"):
+        cv.convert([tmp_path / "src"], tmp_path / "out", dim=0)
+    # An output folder inside a source folder is never read as input; a source inside the output is an error.
+    cv.convert([tmp_path / "src"], tmp_path / "src" / "out")
+    assert cv.convert([tmp_path / "src"], tmp_path / "src" / "out", force=True).num_files == 1
+    with pytest.raises(UserError, match="inside the output folder"):
+        cv.convert([tmp_path / "src" / "out" / "shards"], tmp_path / "src" / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty and is not a streamtrain dataset"):
+        cv.convert([tmp_path / "src"], tmp_path / "busy")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jsonl").write_text("[[1]]\nnope\n")
+    with pytest.raises(DataError, match="no valid record"):
+        cv.convert([tmp_path / "bad"], tmp_path / "out2", on_error="skip")
+    with pytest.raises(DataError, match="no valid records: 2 seen, 2 rejected"):
+        cv.convert([tmp_path / "bad"], tmp_path / "out3", on_error="skip", dim=1)

@@ -1,0 +1,77 @@
+"""Tests for streamtrain.summary and `streamtrain inspect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from streamtrain import cli
+from streamtrain import format as fmt
+from streamtrain.summary import length_summary, render_text, summarize
+
+
+def _dataset(root, n=117, dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(np.exp(rng.normal(np.log(30), 1.2, n)).astype(int) + 2, 3000)
+    with fmt.DatasetWriter(root, dim=dim, shard_bytes=20_000) as w:
+        for i, t in enumerate(lengths):
+            w.add(rng.standard_normal((t, dim)).astype(np.float32), path="a.jsonl", line=i + 1)
+    return lengths
+
+
+def test_length_summary_quantiles_and_log_histogram():
+    lengths = np.array([2, 3, 3, 5, 8, 13, 21, 34, 55, 89, 144, 1000, 1001])
+    s = length_summary(lengths, max_bins=8)
+    assert (s.min, s.max) == (2, 1001)
+    assert s.p50 == np.quantile(lengths, 0.5) and s.p99 == np.quantile(lengths, 0.99)
+    assert sum(s.counts) == len(lengths) and s.bin_edges[0] == 2 and s.bin_edges[-1] == 1002
+    widths = np.diff(s.bin_edges)
+    assert widths[-1] > 10 * widths[0]  # log-spaced
+    assert length_summary(np.zeros(0, np.int32)).counts == []
+    assert length_summary(np.array([7, 7, 7])).counts == [3]
+
+
+def test_summarize_and_text(tmp_path):
+    lengths = _dataset(tmp_path / "ds")
+    s = summarize(tmp_path / "ds")
+    assert (s.num_sequences, s.num_tokens, s.dim) == (117, int(lengths.sum()), 5)
+    assert len(s.shards) > 1 and s.problems is None
+    text = render_text(s)
+    assert "sequences 117" in text and "p99" in text and "histogram" in text and "shard-000000" in text
+
+
+def test_inspect_json_and_verify(tmp_path, capsys):
+    lengths = _dataset(tmp_path / "ds")
+    assert cli.main(["inspect", str(tmp_path / "ds"), "--json", "--verify"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["num_sequences"] == 117 and obj["num_tokens"] == int(lengths.sum()) and obj["dim"] == 5
+    assert obj["verified"] is True and obj["num_rejected"] == 0 and len(obj["mean"]) == 5
+    assert obj["lengths"]["max"] == int(lengths.max())
+    # Corrupt one shard: --verify names it and exits 2.
+    shard = tmp_path / "ds" / fmt.read_index(tmp_path / "ds").shards[1].file
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cli.main(["inspect", str(tmp_path / "ds"), "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert "shard-000001.arrow: checksum mismatch" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_inspect_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "missing"):
+        p = subprocess.run([sys.executable, "-m", "streamtrain", "inspect", str(target)], capture_output=True, text=True)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_inspect_never_imports_torch(tmp_path):
+    _dataset(tmp_path / "ds", n=9)
+    code = ("import sys, streamtrain.cli; rc = streamtrain.cli.main(['inspect', sys.argv[1], '--verify']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
