@@ -1,11 +1,45 @@
-"""`streamtrain eval` (placeholder until its issue lands)."""
+"""`streamtrain eval`: a checkpoint's next-vector MSE on a dataset, against persistence and mean predictors."""
 
-from streamtrain.errors import UserError
+from __future__ import annotations
 
-
-def add_arguments(parser):
-    pass
+__all__ = ["add_arguments", "run"]
 
 
-def run(args):
-    raise UserError("eval is not available yet")
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by fit (RUN/checkpoints/best.pt)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder to evaluate on")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
+    parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader worker processes (default 0)")
+
+
+def run(args) -> int:
+    import json
+
+    from streamtrain.errors import UserError
+    from streamtrain.evaluate import evaluate_checkpoint
+
+    if args.batch_tokens < 16:
+        raise UserError(f"--batch-tokens must be >= 16, got {args.batch_tokens}")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    fmt = lambda v: "n/a" if v is None else f"{v:.6g}"  # noqa: E731
+    rows = [
+        ("model mse", report["mse"]),
+        ("persistence mse", report["persistence_mse"]),
+        ("mean mse", report["mean_mse"]),
+        ("skill vs persistence", report["skill_vs_persistence"]),
+        ("skill vs mean", report["skill_vs_mean"]),
+    ]
+    print(f"{args.data}: {report['num_sequences']} sequences, {report['num_tokens']} vectors, {report['num_targets']} targets")
+    for name, value in rows:
+        print(f"  {name:<22}{fmt(value)}")
+    worst = sorted(enumerate(report["per_dim_mse"]), key=lambda kv: -kv[1])[:5]
+    if worst:
+        print("  worst dims (mse): " + ", ".join(f"{d}: {fmt(v)}" for d, v in worst))
+    return 0

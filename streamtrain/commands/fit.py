@@ -1,11 +1,22 @@
-"""`streamtrain fit` (placeholder until its issue lands)."""
+"""`streamtrain fit`: train a causal Transformer; flags are generated from the config dataclasses."""
 
-from streamtrain.errors import UserError
+from __future__ import annotations
 
-
-def add_arguments(parser):
-    pass
+__all__ = ["add_arguments", "run"]
 
 
-def run(args):
-    raise UserError("fit is not available yet")
+def add_arguments(parser) -> None:
+    from streamtrain.config import add_flags
+
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (flags given here win)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt, exactly"
+    )
+    add_flags(parser)
+
+
+def run(args) -> int:
+    from streamtrain.config import flag_values
+    from streamtrain.train import run_fit
+
+    return run_fit(flag_values(args), config_file=args.config, resume=args.resume)

@@ -1,0 +1,209 @@
+"""Training throughput of `streamtrain fit` against the seed-style pipeline, side by side in one run.
+
+    python benchmarks/bench_train.py [--data DIR] [--sequences 20000] [--rounds 5]
+
+Corpus: heavy-tailed lengths (lognormal, median ~30, p99 ~1000), written with DatasetWriter into a temp
+folder (or `--data DIR`). Both pipelines train the same model size (d_model 128, 4 layers, 4 heads, ff 512)
+with the same AdamW:
+
+    fit   the Trainer: length-bucketed token-budget batches (--batch-tokens 1024) from ShardStream,
+          pre-LN blocks with SDPA(is_causal), masked next-step loss
+    seed  nn.TransformerEncoder(norm_first=True, batch_first=True) with a causal mask and a key padding
+          mask, random batches of 16 sequences padded to the longest with pad_sequence, fp32
+
+Both warm up first, then alternate: each round times `--fit-steps` fit steps and `--seed-steps` seed steps;
+reported rates are medians over rounds. MFU is PaLM-style model FLOPs on real tokens over the fp32 matmul
+peak (torch.mm of 1024x1024, median) measured in this run. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from streamtrain.config import resolve_config
+from streamtrain.dataprep import prepare_data
+from streamtrain.format import DatasetWriter, load_lengths, open_shard, read_index
+from streamtrain.metrics import measure_matmul_peak_tflops
+from streamtrain.model import sinusoidal_positions
+from streamtrain.train import Trainer, masked_sq_error
+
+D_MODEL, LAYERS, HEADS, FF = 128, 4, 4, 512
+
+
+def write_corpus(root: Path, num_sequences: int, dim: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # lognormal: median exp(mu) = 30; p99 = exp(mu + 2.326 sigma) = 1000
+    mu, sigma = math.log(30), (math.log(1000) - math.log(30)) / 2.326
+    lengths = np.clip(np.round(rng.lognormal(mu, sigma, size=num_sequences)), 2, 4096).astype(int)
+    with DatasetWriter(root, dim=dim) as writer:
+        for i, n in enumerate(lengths):
+            writer.add(np.cumsum(rng.standard_normal((n, dim), dtype=np.float32) * 0.1, axis=0), path="bench", line=i)
+
+
+class SeedModel(nn.Module):
+    """The seed pipeline's model: same widths, PyTorch's stock encoder layers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embed = nn.Linear(dim, D_MODEL)
+        layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(D_MODEL)
+        self.head = nn.Linear(D_MODEL, dim)
+
+    def forward(self, x, pad_mask):
+        T = x.shape[1]
+        h = self.embed(x) + sinusoidal_positions(T, D_MODEL)
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # True: may not attend (same type as the pad mask)
+        h = self.encoder(h, mask=causal, src_key_padding_mask=pad_mask, is_causal=True)
+        return self.head(self.ln_f(h))
+
+
+class SeedPipeline:
+    def __init__(self, root: Path, batch_size: int, max_len: int, seed: int):
+        index = read_index(root)
+        self.sequences = []
+        for shard in index.shards:
+            for chunk in open_shard(root / shard.file).column("sequence").chunks:
+                offsets = chunk.offsets.to_numpy()
+                values = chunk.values.flatten().to_numpy().reshape(-1, index.dim)
+                for start, end in zip(offsets[:-1], offsets[1:]):
+                    self.sequences.append(torch.from_numpy(values[start : min(end, start + max_len)].copy()))
+        self.mean = torch.as_tensor(index.mean, dtype=torch.float32)
+        self.std = torch.as_tensor(np.where(index.std > 0, index.std, 1.0), dtype=torch.float32)
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.model = SeedModel(index.dim)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def step(self) -> tuple[int, int]:
+        picks = self.rng.integers(0, len(self.sequences), size=self.batch_size)
+        seqs = [(self.sequences[i] - self.mean) / self.std for i in picks]
+        lengths = torch.tensor([len(s) for s in seqs])
+        x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # (B, T_max, D)
+        mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+        pred = self.model(x, ~mask)
+        valid = mask[:, 1:, None]
+        loss = ((pred[:, :-1] - x[:, 1:]) ** 2 * valid).sum() / (valid.sum() * x.shape[2])
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return int(lengths.sum()), x.shape[0] * x.shape[1]
+
+
+def _palm_flops(num_params: int, lengths: np.ndarray) -> float:
+    lengths = lengths.astype(np.float64)
+    return 6.0 * num_params * lengths.sum() + 12.0 * LAYERS * D_MODEL * (lengths**2).sum()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="dataset folder (default: generate the heavy-tailed corpus)")
+    p.add_argument("--sequences", type=int, default=20000)
+    p.add_argument("--dim", type=int, default=28)
+    p.add_argument("--batch-tokens", type=int, default=1024)
+    p.add_argument("--num-workers", type=int, default=0, help="loader workers of the fit pipeline (fit's CPU default)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fit-steps", type=int, default=40)
+    p.add_argument("--seed-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = Path(args.data) if args.data else tmp / "corpus"
+        if not args.data:
+            t0 = time.perf_counter()
+            write_corpus(root, args.sequences, args.dim, seed=0)
+            print(f"corpus: {args.sequences} sequences written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        lengths = np.asarray(load_lengths(read_index(root)))
+
+        flags = {"data": str(root), "out": str(tmp / "run"), "d_model": D_MODEL, "layers": LAYERS, "heads": HEADS,
+                 "ff": FF, "batch_tokens": args.batch_tokens, "num_workers": args.num_workers, "max_steps": 10**9,
+                 "quiet": True, "lr": 1e-3}
+        cfg = resolve_config(flags)
+        data = prepare_data(cfg, tmp / "run", is_main=True)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
+        trainer = Trainer(cfg, data, tmp / "run", torch.device("cpu"))
+        groups = trainer._step_groups()
+        seed = SeedPipeline(root, batch_size=16, max_len=args.batch_tokens, seed=0)
+
+        def run_fit(n):
+            real = 0
+            flops = 0.0
+            t0 = time.perf_counter()
+            for _ in range(n):
+                _, group, _ = next(groups)
+                trainer._train_step(group)
+                trainer.step += 1
+                for b in group:
+                    l = b.lengths.numpy()
+                    real += int(l.sum())
+                    flops += _palm_flops(trainer.num_params, l)
+            return real, flops, time.perf_counter() - t0
+
+        def run_seed(n):
+            real = 0
+            flops = 0.0
+            t0 = time.perf_counter()
+            for _ in range(n):
+                r, _ = seed.step()
+                real += r
+            return real, time.perf_counter() - t0
+
+        run_fit(5)  # warm up: allocator, kernels, loader workers
+        run_seed(1)
+        peak_tflops = []
+        fit_rates, fit_mfu, seed_rates = [], [], []
+        for _ in range(args.rounds):
+            peak_tflops.append(measure_matmul_peak_tflops())
+            real, flops, dt = run_fit(args.fit_steps)
+            fit_rates.append(real / dt)
+            fit_mfu.append(flops / dt / (peak_tflops[-1] * 1e12))
+            real, dt = run_seed(args.seed_steps)
+            seed_rates.append(real / dt)
+
+    seed_params = sum(p.numel() for p in seed.model.parameters())
+    result = {
+        "fit_real_tokens_per_s": statistics.median(fit_rates),
+        "seed_real_tokens_per_s": statistics.median(seed_rates),
+        "speedup": statistics.median(fit_rates) / statistics.median(seed_rates),
+        "fit_mfu": statistics.median(fit_mfu),
+        "matmul_peak_tflops": statistics.median(peak_tflops),
+        "fit_params": trainer.num_params,
+        "seed_params": seed_params,
+        "sequences": int(len(lengths)),
+        "median_length": float(np.median(lengths)),
+        "p99_length": float(np.percentile(lengths, 99)),
+        "batch_tokens": args.batch_tokens,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+    }
+    print(f"{'pipeline':<8} {'real tok/s (median)':>20} {'MFU':>6}")
+    print(f"{'fit':<8} {result['fit_real_tokens_per_s']:>20.0f} {100 * result['fit_mfu']:>5.1f}%")
+    print(f"{'seed':<8} {result['seed_real_tokens_per_s']:>20.0f} {'':>6}")
+    print(f"speedup {result['speedup']:.1f}x | fp32 matmul peak {result['matmul_peak_tflops']:.3f} TFLOP/s | "
+          f"lengths median {result['median_length']:.0f}, p99 {result['p99_length']:.0f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Checkpoints: atomic save and load of everything an exact resume needs.
+
+A checkpoint is one `torch.save` dict::
+
+    format_version   CHECKPOINT_VERSION
+    model            state_dict with the uncompiled, unwrapped parameter names
+    optimizer        AdamW state_dict
+    scaler           GradScaler state_dict (empty unless fp16)
+    scheduler        {"kind": "warmup_cosine", "total_steps": N} (the rate is a pure function of step)
+    step, epoch      optimizer steps done; epoch in progress
+    loader           the training loader's state_dict (continues exactly where it stopped)
+    rng              python, numpy, torch cpu and cuda generator states
+    config           RunConfig.to_json()
+    stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
+    best_val_mse     best validation MSE so far (or None)
+
+It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a
+checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamtrain.errors import UserError
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "unwrap_model",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers, so saved names carry
+    neither a `module.` nor an `_orig_mod.` prefix."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def capture_rng_state() -> dict[str, Any]:
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash or a failing
+    save at any point leaves the previous checkpoint intact and loadable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": CHECKPOINT_VERSION, **checkpoint}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises a variety of types for a truncated or foreign file
+        raise UserError(f"{path}: not a readable streamtrain checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
+        raise UserError(f"{path}: not a streamtrain checkpoint")
+    if checkpoint["format_version"] > CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format {checkpoint['format_version']} is newer than this streamtrain reads "
+            f"({CHECKPOINT_VERSION}); upgrade streamtrain"
+        )
+    return checkpoint

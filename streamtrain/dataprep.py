@@ -1,0 +1,111 @@
+"""What `fit` trains and validates on: turns --data / --synthetic / --val-data / --val-fraction into dataset
+folders and id lists, converting a raw JSON/JSONL folder once into a cache and checking shards up front.
+
+The validation split by --val-fraction is `bucketing.split_ids` with a fixed seed: the same sequences are
+held out whatever --seed, the number of ranks or the shuffle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamtrain.config import RunConfig, parse_synthetic
+from streamtrain.errors import DataError, UserError
+from streamtrain.format import Index, is_dataset, read_index, verify_dataset
+
+__all__ = ["TrainData", "prepare_data", "resolve_dataset"]
+
+SYNTHETIC_DIM = 28
+
+
+@dataclass
+class TrainData:
+    train_root: Path
+    train_ids: np.ndarray | None  # None: every sequence
+    val_root: Path | None  # None: no validation
+    val_ids: np.ndarray | None
+    index: Index  # of train_root; its mean/std standardize inputs and targets
+
+
+def _raw_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
+
+
+def _convert_cached(raw: Path, cache_root: Path, is_main: bool) -> Path:
+    """Convert a raw JSON/JSONL folder once into cache_root/<key>, keyed by the files' names, sizes and
+    modification times, so a changed folder is converted again and an unchanged one never twice."""
+    files = _raw_files(raw)
+    if not files:
+        raise UserError(f"--data {raw}: neither a dataset (no index.json) nor a folder of .json/.jsonl files")
+    h = hashlib.sha256(str(raw.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(raw)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    out = cache_root / h.hexdigest()[:16]
+    if is_dataset(out) or not is_main:
+        return out
+    from streamtrain import convert as convert_module
+
+    convert_fn = getattr(convert_module, "convert", None)
+    if convert_fn is None:
+        raise UserError(f"--data {raw}: raw JSON folders need `streamtrain convert`, which is not available")
+    convert_fn([str(raw)], str(out))
+    return out
+
+
+def resolve_dataset(path: str, flag: str, cache_root: Path, is_main: bool) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{flag} {p}: no such file or folder")
+    if is_dataset(p):
+        return p
+    if p.is_dir():
+        return _convert_cached(p, cache_root, is_main)
+    raise UserError(f"{flag} {p}: expected a dataset folder or a folder of JSON/JSONL files")
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
+    """Resolve the training and validation data. Only the main rank writes (synthetic data, conversion);
+    the caller makes the other ranks wait for it, then calls this again with is_main=False."""
+    d = cfg.data
+    cache_root = run_dir.parent / ".streamtrain-cache"
+    if d.synthetic is not None:
+        num_sequences, length = parse_synthetic(d.synthetic)
+        train_root = run_dir / "synthetic"
+        if is_main:
+            from streamtrain.synthetic import write_synthetic
+
+            write_synthetic(train_root, num_sequences, length, dim=SYNTHETIC_DIM, seed=cfg.train.seed)
+    else:
+        train_root = resolve_dataset(d.data, "--data", cache_root, is_main)
+    index = read_index(train_root)  # shard sizes are checked against it when the ShardStream is built
+    if d.verify and is_main:
+        problems = verify_dataset(index)
+        if problems:
+            raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    if index.num_sequences == 0:
+        raise DataError(f"{train_root}: the dataset holds no sequences")
+
+    train_ids = val_ids = None
+    val_root = None
+    if d.val_data is not None:
+        val_root = resolve_dataset(d.val_data, "--val-data", cache_root, is_main)
+        val_index = read_index(val_root)
+        if val_index.dim != index.dim:
+            raise UserError(f"--val-data {val_root}: dim {val_index.dim} differs from the training data's {index.dim}")
+    elif d.val_fraction > 0:
+        from streamtrain.data.bucketing import split_ids
+
+        # seed 0, not --seed: the held-out set stays the same when only the training seed changes
+        train_ids, val_ids = split_ids(index.num_sequences, d.val_fraction, seed=0)
+        if len(val_ids) == 0 or len(train_ids) == 0:
+            raise UserError(
+                f"--val-fraction {d.val_fraction} leaves {len(train_ids)} training and {len(val_ids)} validation "
+                f"sequences out of {index.num_sequences}; pick a fraction that leaves both non-empty"
+            )
+        val_root = train_root
+    return TrainData(Path(train_root), train_ids, val_root, val_ids, index)

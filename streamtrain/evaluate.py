@@ -1,0 +1,158 @@
+"""Evaluation of next-vector prediction against two baselines, accumulated in float64 over valid targets only.
+
+For every position t with t + 1 < length, the target is x[t+1] (original units) and the predictions are
+    model        the Transformer's output at t, un-standardized with the checkpoint's mean/std
+    persistence  x[t]: "the next vector equals the current one"
+    mean         the per-dimension mean of the evaluated dataset (index.json), so mean_mse is the targets'
+                 variance and skill_vs_mean is the coefficient of determination R^2
+Skill scores are 1 - mse / baseline_mse: 0 means no better than the baseline, 1 a perfect prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["EvalSums", "accumulate_eval", "eval_summary", "evaluate_checkpoint", "standardization"]
+
+
+def standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (mean, std) with zero-variance dimensions given std 1, so they pass through unscaled."""
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64).copy()
+    std[~(std > 0)] = 1.0
+    return mean, std
+
+
+class EvalSums:
+    """Per-dimension float64 sums of squared errors; `as_tensor`/`from_tensor` pack them for an all-reduce."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.dim = dim
+        z = lambda: torch.zeros(dim, dtype=torch.float64, device=device)  # noqa: E731
+        self.model, self.persistence, self.mean, self.standardized = z(), z(), z(), z()
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # targets, tokens, sequences
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.cat([self.model, self.persistence, self.mean, self.standardized, self.counts])
+
+    def load_tensor(self, t: torch.Tensor) -> None:
+        D = self.dim
+        self.model, self.persistence, self.mean, self.standardized = t[:D], t[D : 2 * D], t[2 * D : 3 * D], t[3 * D : 4 * D]
+        self.counts = t[4 * D :]
+
+
+@torch.no_grad()
+def accumulate_eval(
+    model: torch.nn.Module,
+    batches,
+    sums: EvalSums,
+    mean: np.ndarray,
+    std: np.ndarray,
+    data_mean: np.ndarray,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+) -> EvalSums:
+    """Add the squared errors of `model` and both baselines over every batch of `batches` to `sums`.
+    `mean`/`std` standardize the model's inputs (training statistics); `data_mean` is the mean predictor."""
+    mean64 = torch.as_tensor(mean, dtype=torch.float64, device=device)
+    std64 = torch.as_tensor(std, dtype=torch.float64, device=device)
+    mean32, inv_std32 = mean64.float(), (1.0 / std64).float()
+    data_mean64 = torch.as_tensor(data_mean, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            x = batch.x.to(device, non_blocking=True)  # (B, T, D) original units, zero pads
+            mask = batch.mask.to(device, non_blocking=True)  # (B, T)
+            x_std = ((x - mean32) * inv_std32).masked_fill(~mask[..., None], 0.0)
+            with autocast():
+                pred = model(x_std)  # (B, T, D) standardized prediction of x[t+1]
+            valid = mask[:, 1:, None]  # (B, T-1, 1): target t+1 is real
+            target = x[:, 1:].double()  # (B, T-1, D)
+            pred64 = pred[:, :-1].double()
+            pred_orig = pred64 * std64 + mean64
+            err = lambda p: ((p - target) ** 2).masked_fill(~valid, 0.0).sum(dim=(0, 1))  # noqa: E731
+            sums.model += err(pred_orig)
+            sums.persistence += err(x[:, :-1].double())
+            sums.mean += err(data_mean64.expand_as(target))
+            sums.standardized += ((pred64 - (target - mean64) / std64) ** 2).masked_fill(~valid, 0.0).sum(dim=(0, 1))
+            lengths = batch.lengths
+            # A sequence longer than the loader's max_len arrives as windows overlapping by one vector: each
+            # target is still scored once; count each sequence and vector once too.
+            later_windows = int((batch.offsets > 0).sum()) if hasattr(batch, "offsets") else 0
+            sums.counts += torch.tensor(
+                [
+                    float((lengths - 1).clamp(min=0).sum()),
+                    float(lengths.sum() - later_windows),
+                    float(len(lengths) - later_windows),
+                ],
+                dtype=torch.float64,
+                device=device,
+            )
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def eval_summary(sums: EvalSums) -> dict:
+    """The eval report: MSE in original units, both baselines, skill scores, per-dimension MSE, counts."""
+    num_targets = int(sums.counts[0].item())
+    denom = max(num_targets, 1)
+    per_dim = (sums.model / denom).cpu().numpy()
+    mse = float(per_dim.mean())
+    persistence_mse = float((sums.persistence / denom).mean().item())
+    mean_mse = float((sums.mean / denom).mean().item())
+
+    def skill(baseline: float) -> float | None:
+        return 1.0 - mse / baseline if baseline > 0 and num_targets else None
+
+    return {
+        "mse": mse if num_targets else None,
+        "persistence_mse": persistence_mse if num_targets else None,
+        "mean_mse": mean_mse if num_targets else None,
+        "skill_vs_persistence": skill(persistence_mse),
+        "skill_vs_mean": skill(mean_mse),
+        "per_dim_mse": [float(v) for v in per_dim] if num_targets else [],
+        "standardized_mse": float((sums.standardized / denom).mean().item()) if num_targets else None,
+        "num_sequences": int(sums.counts[2].item()),
+        "num_tokens": int(sums.counts[1].item()),
+        "num_targets": num_targets,
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | Path,
+    data_dir: str | Path,
+    batch_tokens: int = 4096,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> dict:
+    """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order)."""
+    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.config import ModelConfig
+    from streamtrain.data import ShardStream, make_loader
+    from streamtrain.errors import UserError
+    from streamtrain.format import read_index
+    from streamtrain.model import CausalTransformer
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    model_cfg = ModelConfig(**checkpoint["config"]["model"])
+    index = read_index(data_dir)
+    if index.dim != model_cfg.dim:
+        raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {model_cfg.dim}")
+    model = CausalTransformer(model_cfg)
+    model.load_state_dict(checkpoint["model"])
+    model.to(dev)
+    stats = checkpoint["stats"]
+    mean, std = standardization(stats["mean"], stats["std"])
+    stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1)
+    loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev)
+    return eval_summary(sums)

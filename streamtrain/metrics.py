@@ -1,0 +1,253 @@
+"""Training telemetry: throughput (real and padded tokens/s, pad share, data-wait share, MFU), the matmul peak
+MFU is measured against, RUN/metrics.jsonl, the loss plot, and the live view on a terminal.
+
+Throughput counts *real* tokens: padding is work the hardware does for nothing, so it is reported apart
+(`padded_tokens_per_s`, `pad_fraction`) instead of inflating the headline rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ThroughputMeter",
+    "MetricsLog",
+    "LiveView",
+    "measure_matmul_peak_tflops",
+    "gpu_peak_tflops",
+    "plot_loss",
+    "format_rate",
+    "read_metrics",
+]
+
+
+class ThroughputMeter:
+    """Accumulates per-step counts between two log points; `snapshot()` returns rates and starts over."""
+
+    def __init__(self, peak_flops_per_s: float | None = None):
+        self.peak_flops_per_s = peak_flops_per_s
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self._start = now
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.data_wait_s = 0.0
+        self.flops = 0.0
+
+    def add(self, real_tokens: int, padded_tokens: int, data_wait_s: float, flops: float) -> None:
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.data_wait_s += data_wait_s
+        self.flops += flops
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (validation, checkpointing) out of the current interval's elapsed time."""
+        self._start += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        elapsed_s = max(now - self._start, 1e-9)
+        out = {
+            "real_tokens_per_s": self.real_tokens / elapsed_s,
+            "padded_tokens_per_s": self.padded_tokens / elapsed_s,
+            "pad_fraction": 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+            "data_wait_fraction": min(1.0, self.data_wait_s / elapsed_s),
+            "mfu": (self.flops / elapsed_s) / self.peak_flops_per_s if self.peak_flops_per_s else None,
+        }
+        self._reset(now)
+        return out
+
+
+def measure_matmul_peak_tflops(size: int = 1024, budget_s: float = 0.2, dtype=None) -> float:
+    """Median TFLOP/s (fp32 unless `dtype`) of a (size x size) @ (size x size) CPU matmul over ~budget_s: the attainable peak
+    MFU is quoted against on CPU (no vendor table covers every CPU and thread count)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: the training stream must not depend on this
+    a = torch.randn(size, size, generator=gen).to(dtype or torch.float32)
+    b = torch.randn(size, size, generator=gen).to(dtype or torch.float32)
+    out = torch.empty(size, size, dtype=a.dtype)
+    torch.mm(a, b, out=out)  # warm up the kernel selection and caches
+    rates = []
+    deadline = time.perf_counter() + budget_s
+    while time.perf_counter() < deadline or len(rates) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2.0 * size**3 / (time.perf_counter() - t0) / 1e12)
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+# Dense peak TFLOP/s from vendor datasheets (no sparsity), by a substring of torch.cuda.get_device_name().
+_GPU_PEAKS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+}
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
+    """Datasheet peak for a known GPU at `precision`, None when unknown (MFU is then reported as null)."""
+    for key, peaks in _GPU_PEAKS.items():
+        if key in device_name:
+            return peaks.get(precision)
+    return None
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON object per logged step, appended and flushed at once so that a crash
+    loses nothing already logged. Opening it for a resumed run drops the lines past the resumed step."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+            self.path.write_text("".join(k + "\n" for k in kept))
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def plot_loss(run_dir: str | os.PathLike) -> str:
+    """Write RUN/loss.png (training loss and validation MSE against step); return a line saying what was done."""
+    run_dir = Path(run_dir)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "loss plot skipped: matplotlib is not installed (pip install 'streamtrain[plot]')"
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if not train and not val:
+        return "loss plot skipped: nothing was logged"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (standardized MSE)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss (standardized MSE)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    tmp = run_dir / ".loss.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return f"loss plot: {out}"
+
+
+def format_rate(value: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class LiveView:
+    """A rich progress bar (ETA, loss, real tok/s, pad %, data-wait %) on a terminal; one plain line per log
+    otherwise; nothing when quiet."""
+
+    def __init__(self, total_steps: int, start_step: int, quiet: bool, stream=None):
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.total_steps = total_steps
+        self._progress = None
+        if not quiet and self.stream.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]fit"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._progress.add_task("fit", total=total_steps, completed=start_step, stats="")
+            self._progress.start()
+
+    def print(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            self._progress.console.print(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        parts = [f"loss {record['loss']:.4g}"]
+        parts.append(f"{format_rate(record['real_tokens_per_s'])} real tok/s")
+        parts.append(f"pad {100 * record['pad_fraction']:.0f}%")
+        parts.append(f"data-wait {100 * record['data_wait_fraction']:.0f}%")
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {100 * record['mfu']:.0f}%")
+        if record.get("val_mse") is not None:
+            parts.append(f"val mse {record['val_mse']:.4g}")
+        stats = " | ".join(parts)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], stats=stats)
+        elif not self.quiet:
+            print(
+                f"step {record['step']}/{self.total_steps} | epoch {record['epoch']} | lr {record['lr']:.2e} | {stats}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

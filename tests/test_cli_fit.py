@@ -1,0 +1,151 @@
+"""`streamtrain fit` and `streamtrain eval` from the command line: runs, run-folder contents, user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_dataset
+from streamtrain.cli import main
+
+TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64", "--num-workers", "0"]
+
+
+def _fit(capsys, *argv):
+    code = main(["fit", *TINY, *argv])
+    return code, capsys.readouterr()
+
+
+def _assert_one_line_error(code, captured, *fragments):
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("streamtrain ") and "error:" in lines[0]
+    assert "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def _sequences(n, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.cumsum(rng.normal(size=(int(rng.integers(2, 30)), dim)), axis=0).astype(np.float32) for _ in range(n)]
+
+
+def test_synthetic_fit_writes_the_run_folder_then_eval_reports(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, captured = _fit(capsys, "--synthetic", "41,24", "--out", str(run), "--max-steps", "12",
+                          "--log-every", "4", "--val-fraction", "0.2", "--batch-tokens", "256")
+    assert code == 0, captured.err
+    assert "done: 12 steps" in captured.out and "run folder" in captured.out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["dim"] == 28 and config["data"]["synthetic"] == "41,24"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "real_tokens_per_s", "padded_tokens_per_s",
+                "pad_fraction", "data_wait_fraction", "mfu", "elapsed_s", "peak_mem_mb"):
+        assert key in records[0], key
+    assert records[-1]["val_mse"] > 0
+    assert (run / "checkpoints/last.pt").is_file() and (run / "checkpoints/best.pt").is_file()
+    assert (run / "loss.png").is_file()
+
+    code = main(["eval", "--checkpoint", str(run / "checkpoints/best.pt"), "--data", str(run / "synthetic"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert {"mse", "persistence_mse", "mean_mse", "skill_vs_persistence", "skill_vs_mean", "per_dim_mse",
+            "num_sequences", "num_tokens", "num_targets"} <= set(report)
+    assert report["num_sequences"] == 41 and report["num_tokens"] == 41 * 24 and report["num_targets"] == 41 * 23
+    assert len(report["per_dim_mse"]) == 28
+    assert report["skill_vs_persistence"] == pytest.approx(1 - report["mse"] / report["persistence_mse"])
+
+
+def test_eval_baselines_match_a_numpy_reference(tmp_path, capsys):
+    seqs = _sequences(23)
+    seqs.append(np.zeros((1, 6), np.float32))  # a single vector has no target
+    data = tmp_path / "data"
+    index = write_dataset(data, seqs)
+    run = tmp_path / "run"
+    assert _fit(capsys, "--data", str(data), "--out", str(run), "--max-steps", "2")[0] == 0
+    # a small budget windows the longest sequences: every target must still count once
+    assert main(["eval", "--checkpoint", str(run / "checkpoints/last.pt"), "--data", str(data), "--json",
+                 "--batch-tokens", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    persistence = np.concatenate([(s[1:].astype(np.float64) - s[:-1]) ** 2 for s in seqs])
+    mean = np.concatenate([(s[1:].astype(np.float64) - index.mean) ** 2 for s in seqs])
+    assert report["num_targets"] == len(persistence)
+    assert report["num_sequences"] == 24 and report["num_tokens"] == sum(len(s) for s in seqs)
+    assert report["persistence_mse"] == pytest.approx(persistence.mean(), rel=1e-9)
+    assert report["mean_mse"] == pytest.approx(mean.mean(), rel=1e-9)
+
+
+def test_missing_data_is_one_line(tmp_path, capsys):
+    _assert_one_line_error(*_fit(capsys, "--out", str(tmp_path / "r")), "--data")
+
+
+def test_bad_synthetic_spec_is_one_line(tmp_path, capsys):
+    _assert_one_line_error(*_fit(capsys, "--synthetic", "ten,5", "--out", str(tmp_path / "r")), "--synthetic")
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path, capsys):
+    _assert_one_line_error(*_fit(capsys, "--synthetic", "5,5", "--out", str(tmp_path / "r"), "--resume"), "--resume")
+
+
+def test_bad_config_key_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("[optim]\nlearning_rate = 0.1\n")
+    code, captured = _fit(capsys, "--synthetic", "5,5", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.toml"))
+    _assert_one_line_error(code, captured, "learning_rate")
+
+
+def test_truncated_shard_is_one_line_naming_it(tmp_path, capsys):
+    data = tmp_path / "data"
+    index = write_dataset(data, _sequences(17), shard_bytes=1000)
+    shard = data / index.shards[1].file
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _assert_one_line_error(*_fit(capsys, "--data", str(data), "--out", str(tmp_path / "r")), shard.name)
+
+
+def test_checksum_mismatch_with_verify_is_one_line_naming_it(tmp_path, capsys):
+    data = tmp_path / "data"
+    index = write_dataset(data, _sequences(17), shard_bytes=1000)
+    shard = data / index.shards[0].file
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    _assert_one_line_error(*_fit(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--verify"), shard.name, "checksum")
+
+
+def test_an_existing_run_needs_resume(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert _fit(capsys, "--synthetic", "9,8", "--out", str(run), "--max-steps", "1")[0] == 0
+    _assert_one_line_error(*_fit(capsys, "--synthetic", "9,8", "--out", str(run)), "--resume")
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    code = main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)])
+    _assert_one_line_error(code, capsys.readouterr())
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrain", "fit", *TINY, "--synthetic", "50,64", "--out", str(run),
+         "--max-steps", "100000", "--log-every", "1", "--save-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "--resume" in err
+    from streamtrain.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] >= 1

@@ -1,0 +1,80 @@
+"""CausalTransformer: shapes, causality, padding invariance of outputs and gradients, FLOPs count."""
+
+import pytest
+import torch
+
+from streamtrain.config import ModelConfig
+from streamtrain.model import CausalTransformer, sinusoidal_positions
+from streamtrain.train import masked_sq_error
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=5, d_model=32, layers=2, heads=4, ff=64, **kw)
+    return CausalTransformer(cfg).eval()
+
+
+def test_output_shape_and_param_count():
+    model = _model()
+    x = torch.randn(3, 16, 5)
+    assert model(x).shape == (3, 16, 5)
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_future_vectors_do_not_change_past_outputs(deterministic_rng):
+    model = _model()
+    x = torch.randn(2, 24, 5)
+    y = model(x)
+    x2 = x.clone()
+    x2[:, 13:] = torch.randn(2, 11, 5) * 10
+    y2 = model(x2)
+    torch.testing.assert_close(y2[:, :13], y[:, :13], rtol=0, atol=1e-6)
+    assert not torch.allclose(y2[:, 13:], y[:, 13:])
+
+
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_padding_contents_and_extra_padding_leave_outputs_and_gradients_unchanged(deterministic_rng, input_norm):
+    model = _model(input_norm=input_norm)
+    lengths = torch.tensor([7, 16, 3])
+    base = torch.randn(3, 16, 5)
+    mask = torch.arange(16)[None, :] < lengths[:, None]
+
+    def run(T, pad_value):
+        x = torch.zeros(3, T, 5)
+        x[:, :16] = base
+        m = torch.zeros(3, T, dtype=torch.bool)
+        m[:, :16] = mask
+        pads = ~m
+        x[pads] = pad_value[: int(pads.sum())]
+        model.zero_grad()
+        out = model(x)
+        masked_sq_error(out, x, m).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return out[:, :16][mask], grads
+
+    junk = torch.randn(1000, 5) * 100
+    out_a, grads_a = run(16, torch.zeros(1000, 5))
+    out_b, grads_b = run(40, junk)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+def test_sinusoidal_positions_match_the_formula():
+    pe = sinusoidal_positions(10, 6)
+    assert pe.shape == (10, 6)
+    t, i = 7, 2
+    assert pe[t, 2 * i].item() == pytest.approx(torch.sin(torch.tensor(t / 10000 ** (2 * i / 6))).item(), abs=1e-6)
+    assert pe[t, 2 * i + 1].item() == pytest.approx(torch.cos(torch.tensor(t / 10000 ** (2 * i / 6))).item(), abs=1e-6)
+
+
+def test_flops_per_token_follows_palm():
+    model = _model()
+    n = model.num_params()
+    assert model.flops_per_token(100) == 6 * n + 12 * 2 * 32 * 100
+
+
+def test_state_dict_names_have_no_wrapper_prefix():
+    names = list(_model().state_dict())
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in names)
+    assert "embed.weight" in names and "head.weight" in names

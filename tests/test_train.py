@@ -1,0 +1,206 @@
+"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting, precision choice."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_dataset
+from streamtrain.amp import choose_precision
+from streamtrain.checkpoint import load_checkpoint
+from streamtrain.config import resolve_config
+from streamtrain.dataprep import prepare_data
+from streamtrain.train import Trainer, run_fit, valid_target_count
+
+TINY = {"d_model": 32, "layers": 2, "heads": 4, "ff": 64, "num_workers": 0, "quiet": True, "log_every": 1}
+
+
+def _sequences(n, dim=5, seed=0, max_len=40):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        T = int(rng.integers(1, max_len))
+        t = np.arange(T)[:, None]
+        phase = rng.uniform(0, 6, size=dim)
+        seq = np.sin(0.3 * t + phase) * rng.uniform(0.5, 2, size=dim) + rng.normal(3, 1, size=dim)
+        seq[:, 0] = 4.0  # a zero-variance dimension passes through standardization (std -> 1)
+        out.append(seq.astype(np.float32))
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root, _sequences(37), shard_bytes=1500)  # several shards
+    return root
+
+
+def _trainer(tmp_path, data, **flags):
+    values = {**TINY, "data": str(data), "out": str(tmp_path / "run"), "max_steps": 5, **flags}
+    cfg = resolve_config(values)
+    prepared = prepare_data(cfg, tmp_path / "run", is_main=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=prepared.index.dim))
+    return Trainer(cfg, prepared, tmp_path / "run", torch.device("cpu"))
+
+
+def test_step_loss_equals_a_float64_reference_over_two_micro_batches(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset, batch_tokens=128, grad_accum=2)
+    group = []
+    it = iter(trainer.loader)
+    group = [next(it), next(it)]
+    assert group[0].x.shape[1] != group[1].x.shape[1] or len(group[0]) != len(group[1])
+    loss = float(trainer.accumulate_gradients(group))
+
+    model64 = trainer.model.double().eval()
+    mean, std = trainer.mean, trainer.std
+    assert std[0] == 1.0  # the constant dimension
+    total_sq, total_count = 0.0, 0
+    for b in group:
+        x = b.x.double().numpy()
+        lengths = b.lengths.numpy()
+        x_std = (x - mean) / std
+        for i, n in enumerate(lengths):
+            x_std[i, n:] = 0.0
+        with torch.no_grad():
+            pred = model64(torch.from_numpy(x_std)).numpy()
+        for i, n in enumerate(lengths):
+            if n > 1:
+                total_sq += float(((pred[i, : n - 1] - x_std[i, 1:n]) ** 2).sum())
+                total_count += (n - 1) * x.shape[2]
+    assert total_count == sum(valid_target_count(b.lengths, 5) for b in group)
+    assert loss == pytest.approx(total_sq / total_count, rel=1e-5)
+
+
+def test_accumulated_gradients_equal_one_big_batch(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset, batch_tokens=128)
+    it = iter(trainer.loader)
+    a, b = next(it), next(it)
+    trainer.accumulate_gradients([a, b])
+    grads_accum = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    T = max(a.x.shape[1], b.x.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[1])) if t.dim() == 3 else torch.nn.functional.pad(t, (0, T - t.shape[1]))  # noqa: E731
+    merged = dataclasses.replace(
+        a,
+        x=torch.cat([pad(a.x), pad(b.x)]),
+        mask=torch.cat([pad(a.mask), pad(b.mask)]),
+        lengths=torch.cat([a.lengths, b.lengths]),
+        ids=torch.cat([a.ids, b.ids]),
+        offsets=torch.cat([a.offsets, b.offsets]),
+    )
+    trainer.accumulate_gradients([merged])
+    for g_acc, p in zip(grads_accum, trainer.model.parameters()):
+        torch.testing.assert_close(p.grad, g_acc, rtol=1e-4, atol=1e-7)
+
+
+def _params_and_optimizer(path):
+    ckpt = load_checkpoint(path)
+    return ckpt["model"], ckpt["optimizer"]["state"], ckpt
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, dataset):
+    common = {**TINY, "data": str(dataset), "batch_tokens": 96, "grad_accum": 2, "dropout": 0.1, "lr": 3e-3}
+    # the data holds 8 steps per epoch: 20 steps cross two epoch boundaries, and the resume point is mid-epoch
+    assert run_fit({**common, "out": str(tmp_path / "a"), "max_steps": 20}) == 0
+    assert run_fit({**common, "out": str(tmp_path / "b"), "max_steps": 10, "decay_steps": 20}) == 0
+    assert run_fit({"out": str(tmp_path / "b"), "max_steps": 20, "quiet": True}, resume=True) == 0
+
+    model_a, opt_a, ckpt_a = _params_and_optimizer(tmp_path / "a/checkpoints/last.pt")
+    model_b, opt_b, ckpt_b = _params_and_optimizer(tmp_path / "b/checkpoints/last.pt")
+    assert ckpt_a["step"] == ckpt_b["step"] == 20
+    assert ckpt_a["loader"] == ckpt_b["loader"]
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    for key in opt_a:
+        for field in opt_a[key]:
+            assert torch.equal(torch.as_tensor(opt_a[key][field]), torch.as_tensor(opt_b[key][field]))
+    # metrics.jsonl of the resumed run holds each step once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_resume_with_another_model_config_is_a_user_error(tmp_path, dataset):
+    from streamtrain.errors import UserError
+
+    assert run_fit({**TINY, "data": str(dataset), "out": str(tmp_path / "r"), "max_steps": 2}) == 0
+    with pytest.raises(UserError, match="--d-model 64"):
+        run_fit({"out": str(tmp_path / "r"), "d_model": 64, "max_steps": 4}, resume=True)
+
+
+def test_overfits_a_handful_of_sequences(tmp_path):
+    root = tmp_path / "few"
+    write_dataset(root, _sequences(5, seed=3, max_len=24))
+    flags = {**TINY, "data": str(root), "out": str(tmp_path / "run"), "max_steps": 300, "lr": 3e-3,
+             "warmup_steps": 20, "weight_decay": 0.0, "batch_tokens": 256}
+    assert run_fit(flags) == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] / 10
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
+    from streamtrain.train import TrainingDiverged
+
+    out = tmp_path / "nan"
+    assert run_fit({**TINY, "data": str(dataset), "out": str(out), "max_steps": 3}) == 0
+    # an absurd learning rate drives the weights to Inf/NaN within a few steps
+    with pytest.raises(TrainingDiverged, match="last good weights"):
+        run_fit({"out": str(out), "max_steps": 200, "lr": 1e30, "clip": 0.0, "save_every": 1, "quiet": True}, resume=True)
+    after = load_checkpoint(out / "checkpoints/last.pt")
+    assert after["step"] >= 3
+    assert all(torch.isfinite(t).all() for t in after["model"].values())
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("cuda", True, False, None, True), "bf16"),
+        (("cuda", False, False, None, True), "fp16"),
+        (("cpu", False, True, None, True), "bf16"),
+        (("cpu", False, False, None, True), "fp32"),
+        (("cuda", True, True, None, False), "fp32"),
+        (("cpu", False, False, "bf16", False), "bf16"),
+        (("cuda", True, False, "fp16", True), "fp16"),
+        (("cpu", False, True, "fp32", True), "fp32"),
+        (("cpu", False, False, "fp16", True), "fp16"),
+    ],
+)
+def test_choose_precision(args, expected):
+    name, reason = choose_precision(*args)
+    assert name == expected
+    assert reason and "\n" not in reason
+
+
+def test_fp16_enables_the_grad_scaler_and_fp32_does_not(tmp_path, dataset):
+    from streamtrain.amp import build_precision
+
+    assert not build_precision(torch.device("cpu"), amp=False, forced=None).scaler.is_enabled()
+    p16 = build_precision(torch.device("cpu"), amp=False, forced="bf16")
+    assert p16.dtype == torch.bfloat16 and not p16.scaler.is_enabled()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, dataset):
+    """Rank r of 2 takes the epoch's batches r, r+2, ...; one process with --grad-accum 2 takes them in pairs:
+    the same batches per step and a globally normalized loss, so the weights agree."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--data", str(dataset), "--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64",
+            "--num-workers", "0", "--batch-tokens", "96", "--max-steps", "3", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "streamtrain", "fit", *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert run_fit({**TINY, "data": str(dataset), "batch_tokens": 96, "max_steps": 3, "grad_accum": 2,
+                    "out": str(tmp_path / "one")}) == 0
+    a = load_checkpoint(tmp_path / "ddp/checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "one/checkpoints/last.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
