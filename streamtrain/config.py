@@ -127,6 +127,12 @@ class TrainConfig:
     out: str | None = _opt(None, "run folder: config.json, metrics.jsonl, checkpoints/, loss.png", "path")
     epochs: int | None = _opt(None, "passes over the training data (default 1 unless --max-steps is given)", "epochs")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps", "steps")
+    max_seconds: float | None = _opt(
+        None,
+        "also stop, with checkpoints and a final validation, at the first step after this much training time; "
+        "the learning-rate schedule still follows --epochs/--max-steps",
+        "seconds",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "micro-batches")
     seed: int = _opt(0, "seed of the model init, the data order and the synthetic data", "")
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", "")
@@ -144,6 +150,8 @@ class TrainConfig:
         for name in ("epochs", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise UserError(f"--max-seconds must be > 0, got {self.max_seconds}")
         for name in ("grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")

@@ -48,6 +48,9 @@ EXIT_DIVERGED = 3  # the loss became NaN/Inf; last.pt still holds the last good 
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+_HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds sets the schedule's horizon
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or Inf."""
 
@@ -166,7 +169,11 @@ class Trainer:
             limits.append(self.max_epochs * self.steps_per_epoch)
         self.total_steps = min(limits)
         self.decay_steps = cfg.optim.decay_steps or self.total_steps
-        if cfg.optim.warmup_steps is None:  # default: a tenth of the schedule, at most 100 steps
+        # With --max-seconds and no --decay-steps the horizon is re-estimated from the measured step time
+        # once, after _HORIZON_PROBE_STEPS steps, so that the cosine ends when time runs out.
+        self._estimate_horizon = t.max_seconds is not None and cfg.optim.decay_steps is None
+        self._default_warmup = cfg.optim.warmup_steps is None
+        if self._default_warmup:  # default: a tenth of the schedule, at most 100 steps
             cfg.optim.warmup_steps = min(100, self.decay_steps // 10)
 
         self.step = 0
@@ -218,6 +225,10 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.best_val_loss = ckpt.get("best_val_loss")
         self._loader_state = ckpt["loader"]
+        scheduler = ckpt.get("scheduler", {})
+        if scheduler.get("estimated") and self.cfg.optim.decay_steps is None:
+            self.decay_steps = int(scheduler["decay_steps"])  # keep the horizon the time limit gave
+            self._estimate_horizon = False
         self._resumed = True
         restore_rng_state(ckpt["rng"])
 
@@ -226,7 +237,11 @@ class Trainer:
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
-            "scheduler": {"kind": "warmup_cosine", "decay_steps": self.decay_steps},
+            "scheduler": {
+                "kind": "warmup_cosine",
+                "decay_steps": self.decay_steps,
+                "estimated": self.cfg.optim.decay_steps is None and self.cfg.train.max_seconds is not None,
+            },
             "step": self.step,
             "epoch": self.epoch,
             "loader": self.loader.state_dict(),
@@ -427,7 +442,9 @@ class Trainer:
                 loss_acc += loss
                 steps_acc += 1
                 view.advance(self.step)
-                last_step = self.step >= self.total_steps
+                if self._estimate_horizon and self.step == _HORIZON_PROBE_STEPS:
+                    self._set_horizon_from_time(start_s)
+                last_step = self.step >= self.total_steps or self._time_is_up(start_s)
                 record = None
                 if self.step % t.log_every == 0 or last_step:
                     record = self._log_record(loss_acc, steps_acc, grad_norm, meter, start_s)
@@ -481,6 +498,35 @@ class Trainer:
         if is_main and exit_code == 0:
             self._summary(last_record, last_val)
         return exit_code
+
+    def _set_horizon_from_time(self, start_s: float) -> None:
+        elapsed_s = time.perf_counter() - start_s
+        if self.dist.enabled:  # one horizon for all ranks: the slowest rank's estimate
+            t = torch.tensor([elapsed_s], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            elapsed_s = float(t)
+        per_step_s = elapsed_s / max(self.step, 1)
+        fits = self.step + int((self.cfg.train.max_seconds - elapsed_s) / per_step_s)
+        self.decay_steps = max(self.step + 1, min(self.total_steps, fits))
+        if self._default_warmup:
+            self.cfg.optim.warmup_steps = min(self.cfg.optim.warmup_steps, max(self.step, self.decay_steps // 10))
+        self._view.print(
+            f"--max-seconds {self.cfg.train.max_seconds:g}: {per_step_s * 1e3:.0f} ms/step, "
+            f"learning-rate schedule set to end at step {self.decay_steps}"
+        )
+
+    def _time_is_up(self, start_s: float) -> bool:
+        limit_s = self.cfg.train.max_seconds
+        if limit_s is None:
+            return False
+        up = time.perf_counter() - start_s >= limit_s
+        if self.dist.enabled:  # every rank must stop at the same step, whatever its own clock says
+            t = torch.tensor([1.0 if up else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            up = t.item() > 0
+        if up and self.step < self.total_steps:
+            self._view.print(f"time limit reached: --max-seconds {limit_s:g} at step {self.step} of {self.total_steps}")
+        return up
 
     def _stop_requested(self) -> bool:
         flag = self._stop_signal is not None

@@ -204,3 +204,15 @@ def test_ddp_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path
     b = load_checkpoint(tmp_path / "one/checkpoints/last.pt")["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_max_seconds_stops_early_with_a_checkpoint_and_validation(tmp_path, dataset):
+    out = tmp_path / "timed"
+    flags = {**TINY, "data": str(dataset), "out": str(out), "max_steps": 500, "max_seconds": 1e-6,
+             "val_fraction": 0.2, "save_every": 0}
+    assert run_fit(flags) == 0
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 1  # stopped at the first step boundary after the limit
+    assert (out / "checkpoints" / "best.pt").is_file()  # the final validation ran
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 1 and "val_mse" in records[-1]
