@@ -6,6 +6,11 @@ For every position t with t + 1 < length, the target is x[t+1] (original units) 
     mean         the per-dimension mean of the evaluated dataset (index.json), so mean_mse is the targets'
                  variance and skill_vs_mean is the coefficient of determination R^2
 Skill scores are 1 - mse / baseline_mse: 0 means no better than the baseline, 1 a perfect prediction.
+
+With `onehot=(start, end)` (a group of fields that one-hot encodes a class, such as the opcode class of an
+instruction vector), the report also gives top-1 accuracy of argmax over those fields for the model, for
+"same class as the previous vector", and for the training set's most frequent class (the argmax of the
+training mean over the group, which for one-hot fields is the class frequency).
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ class EvalSums:
         z = lambda: torch.zeros(dim, dtype=torch.float64, device=device)  # noqa: E731
         self.model, self.persistence, self.mean, self.standardized = z(), z(), z(), z()
         self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # targets, tokens, sequences
+        # top-1 hits of the one-hot group: model, previous vector, most frequent class
+        self.onehot_correct = torch.zeros(3, dtype=torch.float64, device=device)
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.cat([self.model, self.persistence, self.mean, self.standardized, self.counts])
+        return torch.cat([self.model, self.persistence, self.mean, self.standardized, self.counts, self.onehot_correct])
 
     def load_tensor(self, t: torch.Tensor) -> None:
         D = self.dim
         self.model, self.persistence, self.mean, self.standardized = t[:D], t[D : 2 * D], t[2 * D : 3 * D], t[3 * D : 4 * D]
-        self.counts = t[4 * D :]
+        self.counts = t[4 * D : 4 * D + 3]
+        self.onehot_correct = t[4 * D + 3 :]
 
 
 @torch.no_grad()
@@ -55,6 +63,7 @@ def accumulate_eval(
     data_mean: np.ndarray,
     device: torch.device,
     autocast=contextlib.nullcontext,
+    onehot: tuple[int, int] | None = None,
 ) -> EvalSums:
     """Add the squared errors of `model` and both baselines over every batch of `batches` to `sums`.
     `mean`/`std` standardize the model's inputs (training statistics); `data_mean` is the mean predictor."""
@@ -80,6 +89,14 @@ def accumulate_eval(
             sums.persistence += err(x[:, :-1].double())
             sums.mean += err(data_mean64.expand_as(target))
             sums.standardized += ((pred64 - (target - mean64) / std64) ** 2).masked_fill(~valid, 0.0).sum(dim=(0, 1))
+            if onehot is not None:
+                a, b = onehot
+                truth = target[..., a:b].argmax(-1)  # (B, T-1)
+                hits = lambda cls: ((cls == truth) & valid[..., 0]).sum()  # noqa: E731
+                frequent = int(mean64[a:b].argmax())
+                sums.onehot_correct += torch.stack(
+                    [hits(pred_orig[..., a:b].argmax(-1)), hits(x[:, :-1, a:b].argmax(-1)), hits(torch.full_like(truth, frequent))]
+                ).double()
             lengths = batch.lengths
             # A sequence longer than the loader's max_len arrives as windows overlapping by one vector: each
             # target is still scored once; count each sequence and vector once too.
@@ -98,8 +115,9 @@ def accumulate_eval(
     return sums
 
 
-def eval_summary(sums: EvalSums) -> dict:
-    """The eval report: MSE in original units, both baselines, skill scores, per-dimension MSE, counts."""
+def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
+    """The eval report: MSE in original units, both baselines, skill scores, per-dimension MSE, counts, and
+    with `onehot`, top-1 accuracies of that field group."""
     num_targets = int(sums.counts[0].item())
     denom = max(num_targets, 1)
     per_dim = (sums.model / denom).cpu().numpy()
@@ -110,7 +128,7 @@ def eval_summary(sums: EvalSums) -> dict:
     def skill(baseline: float) -> float | None:
         return 1.0 - mse / baseline if baseline > 0 and num_targets else None
 
-    return {
+    report = {
         "mse": mse if num_targets else None,
         "persistence_mse": persistence_mse if num_targets else None,
         "mean_mse": mean_mse if num_targets else None,
@@ -122,6 +140,15 @@ def eval_summary(sums: EvalSums) -> dict:
         "num_tokens": int(sums.counts[1].item()),
         "num_targets": num_targets,
     }
+    if onehot is not None:
+        acc = (sums.onehot_correct / denom).tolist() if num_targets else [None] * 3
+        report["onehot"] = {
+            "fields": list(onehot),
+            "accuracy": acc[0],
+            "previous_accuracy": acc[1],
+            "most_frequent_accuracy": acc[2],
+        }
+    return report
 
 
 def evaluate_checkpoint(
@@ -130,6 +157,7 @@ def evaluate_checkpoint(
     batch_tokens: int = 4096,
     device: str = "auto",
     num_workers: int = 0,
+    onehot: tuple[int, int] | None = None,
 ) -> dict:
     """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order)."""
     from streamtrain.checkpoint import load_checkpoint
@@ -147,6 +175,8 @@ def evaluate_checkpoint(
     index = read_index(data_dir)
     if index.dim != model_cfg.dim:
         raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {model_cfg.dim}")
+    if onehot is not None and not 0 <= onehot[0] < onehot[1] <= index.dim:
+        raise UserError(f"--onehot {onehot[0]}:{onehot[1]}: needs 0 <= START < END <= {index.dim}")
     model = CausalTransformer(model_cfg)
     model.load_state_dict(checkpoint["model"])
     model.to(dev)
@@ -154,5 +184,5 @@ def evaluate_checkpoint(
     mean, std = standardization(stats["mean"], stats["std"])
     stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev)
-    return eval_summary(sums)
+    sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
+    return eval_summary(sums, onehot)

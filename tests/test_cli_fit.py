@@ -82,6 +82,56 @@ def test_eval_baselines_match_a_numpy_reference(tmp_path, capsys):
     assert report["mean_mse"] == pytest.approx(mean.mean(), rel=1e-9)
 
 
+def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
+    import torch
+
+    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.config import ModelConfig
+    from streamtrain.evaluate import standardization
+    from streamtrain.model import CausalTransformer
+
+    rng = np.random.default_rng(5)
+    seqs = []
+    for _ in range(29):
+        T = int(rng.integers(2, 40))
+        cls = rng.choice(3, size=T, p=[0.6, 0.3, 0.1])
+        seq = np.zeros((T, 4), np.float32)
+        seq[np.arange(T), cls] = 1.0  # fields 0:3 one-hot encode a class
+        seq[:, 3] = rng.normal(size=T)
+        seqs.append(seq)
+    data = tmp_path / "data"
+    write_dataset(data, seqs)
+    run = tmp_path / "run"
+    assert _fit(capsys, "--data", str(data), "--out", str(run), "--max-steps", "3")[0] == 0
+    ckpt_path = run / "checkpoints/last.pt"
+    assert main(["eval", "--checkpoint", str(ckpt_path), "--data", str(data), "--json", "--onehot", "0:3"]) == 0
+    oh = json.loads(capsys.readouterr().out)["onehot"]
+
+    ckpt = load_checkpoint(ckpt_path)
+    model = CausalTransformer(ModelConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    mean, std = standardization(ckpt["stats"]["mean"], ckpt["stats"]["std"])
+    frequent = int(np.argmax(mean[:3]))
+    hits = np.zeros(3)
+    targets = 0
+    for s in seqs:  # one unpadded sequence at a time
+        with torch.no_grad():
+            pred = model(torch.from_numpy(((s - mean) / std).astype(np.float32))[None])[0].double().numpy()
+        pred = pred * std + mean
+        truth = s[1:, :3].argmax(1)
+        hits += [(pred[:-1, :3].argmax(1) == truth).sum(), (s[:-1, :3].argmax(1) == truth).sum(), (truth == frequent).sum()]
+        targets += len(truth)
+    assert oh["fields"] == [0, 3]
+    assert oh["accuracy"] == pytest.approx(hits[0] / targets)
+    assert oh["previous_accuracy"] == pytest.approx(hits[1] / targets)
+    assert oh["most_frequent_accuracy"] == pytest.approx(hits[2] / targets)
+    assert frequent == 0 and 0.5 < oh["most_frequent_accuracy"] < 0.7
+
+    code = main(["eval", "--checkpoint", str(ckpt_path), "--data", str(data), "--onehot", "2:9"])
+    _assert_one_line_error(code, capsys.readouterr(), "--onehot 2:9")
+
+
 def test_missing_data_is_one_line(tmp_path, capsys):
     _assert_one_line_error(*_fit(capsys, "--out", str(tmp_path / "r")), "--data")
 

@@ -12,6 +12,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader worker processes (default 0)")
+    parser.add_argument(
+        "--onehot",
+        metavar="START:END",
+        help="fields START..END-1 one-hot encode a class (0:12 is the opcode class of tools/asm_corpus.py): "
+        "also report top-1 accuracy against the previous-vector and most-frequent-class baselines",
+    )
 
 
 def run(args) -> int:
@@ -24,7 +30,14 @@ def run(args) -> int:
         raise UserError(f"--batch-tokens must be >= 16, got {args.batch_tokens}")
     if args.num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers)
+    onehot = None
+    if args.onehot is not None:
+        try:
+            start, end = (int(v) for v in args.onehot.split(":"))
+        except ValueError:
+            raise UserError(f"--onehot expects START:END (two integers), got {args.onehot!r}") from None
+        onehot = (start, end)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -39,6 +52,11 @@ def run(args) -> int:
     print(f"{args.data}: {report['num_sequences']} sequences, {report['num_tokens']} vectors, {report['num_targets']} targets")
     for name, value in rows:
         print(f"  {name:<22}{fmt(value)}")
+    if onehot is not None:
+        oh = report["onehot"]
+        print(f"  top-1 class, fields {onehot[0]}:{onehot[1]}")
+        for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
+            print(f"    {name:<20}{fmt(oh[key])}")
     worst = sorted(enumerate(report["per_dim_mse"]), key=lambda kv: -kv[1])[:5]
     if worst:
         print("  worst dims (mse): " + ", ".join(f"{d}: {fmt(v)}" for d, v in worst))
