@@ -3,7 +3,8 @@
 A dataset is a folder::
 
     DIR/index.json          written last and atomically; a folder without it is not a dataset
-    DIR/lengths.npy         int32 length of every sequence, in global id order (memory-mappable)
+    DIR/lengths*.npy        int32 length of every sequence, in global id order (memory-mappable);
+                            index.json names the file (`lengths_file`)
     DIR/shards/shard-000000.arrow ...   Arrow IPC *file* format (memory-mappable, zero-copy reads)
     DIR/rejects.jsonl       one JSON object per rejected record, when anything was rejected
 
