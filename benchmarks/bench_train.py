@@ -2,8 +2,9 @@
 
     python benchmarks/bench_train.py [--data DIR] [--sequences 20000] [--rounds 5]
 
-Corpus: heavy-tailed lengths (lognormal, median ~30, p99 ~1000), written with DatasetWriter into a temp
-folder (or `--data DIR`). Both pipelines train the same model size (d_model 128, 4 layers, 4 heads, ff 512)
+Corpus (`--corpus auto`): real instruction sequences from this machine's binaries when it has them
+(tools/asm_corpus.py, converted), else heavy-tailed synthetic lengths (lognormal, median ~30, p99 ~1000);
+or `--data DIR`. Both pipelines train the same model size (d_model 128, 4 layers, 4 heads, ff 512)
 with the same AdamW:
 
     fit   the Trainer: length-bucketed token-budget batches (--batch-tokens 1024) from ShardStream,
@@ -33,24 +34,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from corpus import KINDS, build_dataset  # benchmarks/corpus.py
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
-from streamtrain.format import DatasetWriter, load_lengths, open_shard, read_index
+from streamtrain.format import load_lengths, open_shard, read_index
 from streamtrain.metrics import measure_matmul_peak_tflops
 from streamtrain.model import sinusoidal_positions
 from streamtrain.train import Trainer, masked_sq_error
 
 D_MODEL, LAYERS, HEADS, FF = 128, 4, 4, 512
-
-
-def write_corpus(root: Path, num_sequences: int, dim: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    # lognormal: median exp(mu) = 30; p99 = exp(mu + 2.326 sigma) = 1000
-    mu, sigma = math.log(30), (math.log(1000) - math.log(30)) / 2.326
-    lengths = np.clip(np.round(rng.lognormal(mu, sigma, size=num_sequences)), 2, 4096).astype(int)
-    with DatasetWriter(root, dim=dim) as writer:
-        for i, n in enumerate(lengths):
-            writer.add(np.cumsum(rng.standard_normal((n, dim), dtype=np.float32) * 0.1, axis=0), path="bench", line=i)
 
 
 class SeedModel(nn.Module):
@@ -114,7 +106,9 @@ def _palm_flops(num_params: int, lengths: np.ndarray) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="dataset folder (default: generate the heavy-tailed corpus)")
-    p.add_argument("--sequences", type=int, default=20000)
+    p.add_argument("--corpus", choices=KINDS, default="auto", help="real instruction data, synthetic, or auto (real if possible)")
+    p.add_argument("--real-mb", type=float, default=40, help="size of the real corpus as JSON [MB]")
+    p.add_argument("--sequences", type=int, default=20000, help="synthetic corpus size [sequences]")
     p.add_argument("--dim", type=int, default=28)
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--num-workers", type=int, default=0, help="loader workers of the fit pipeline (fit's CPU default)")
@@ -129,10 +123,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = Path(args.data) if args.data else tmp / "corpus"
+        corpus_text = f"dataset {root}"
         if not args.data:
             t0 = time.perf_counter()
-            write_corpus(root, args.sequences, args.dim, seed=0)
-            print(f"corpus: {args.sequences} sequences written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            corpus_text = build_dataset(root, args.corpus, num_sequences=args.sequences, real_mb=args.real_mb, dim=args.dim)
+            print(f"corpus: {corpus_text} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         lengths = np.asarray(load_lengths(read_index(root)))
 
         flags = {"data": str(root), "out": str(tmp / "run"), "d_model": D_MODEL, "layers": LAYERS, "heads": HEADS,
@@ -189,6 +184,7 @@ def main(argv=None) -> int:
         "matmul_peak_tflops": statistics.median(peak_tflops),
         "fit_params": trainer.num_params,
         "seed_params": seed_params,
+        "corpus": corpus_text,
         "sequences": int(len(lengths)),
         "median_length": float(np.median(lengths)),
         "p99_length": float(np.percentile(lengths, 99)),
