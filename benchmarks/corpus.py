@@ -56,12 +56,9 @@ def write_real(root: Path, max_mb: float, seed: int = 0, json_dir: Path | None =
 
     asm = asm_corpus()
     json_dir = json_dir or root.with_name(root.name + "-json")
-    manifest = asm.build_corpus(json_dir, max_mb=max_mb, seed=seed, jobs=1)
+    totals = asm.build_corpus(json_dir, max_mb=max_mb, seed=seed, jobs=1)["totals"]
     convert([json_dir / "train"], root, workers=1)  # json_dir also holds manifest.json
-    return (
-        f"real: {manifest.get('num_functions', '?')} functions from {len(manifest.get('binaries', []))} binaries "
-        f"({max_mb:g} MB of JSON), dim 28"
-    )
+    return f"real: {totals['functions']} functions from {totals['binaries']} binaries ({totals['bytes'] / 1e6:.1f} MB of JSON), dim 28"
 
 
 def build_dataset(root: Path, kind: str, *, num_sequences: int, real_mb: float, dim: int = 28, seed: int = 0) -> str:

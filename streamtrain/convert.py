@@ -16,12 +16,17 @@ the unit of reuse. Group boundaries depend only on file sizes and paths (plus a 
 the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
 *partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
 order, so the result is bit-identical whether a group is converted by one task or partial by partial in
-parallel (used when there are fewer groups than workers) and then merged into the same shard.
+parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
+in the staging folder) and then merged into the same shard.
 
-Fast path. A block of records is wrapped into one JSON array and parsed in one call (simdjson's
-`as_buffer` when available, else orjson + numpy), and its structure is checked on the text's "skeleton" (the
-text with number characters and white space deleted: a valid block reads `[[[,,],[,,]],[[,,]]]`). Only a
-block that fails is re-read record by record to give each bad record its exact reason.
+Fast path. A block of records (about 1 MB: lines of a .jsonl file, or many small .json files together) is
+wrapped into one JSON array and parsed in one call (simdjson's `as_buffer` when available, else orjson +
+numpy). An object record `{"sequence": VALUE}` enters the block as the text of VALUE (cut out textually; an
+object with other keys as well is decoded and its value written back as JSON). Each record's structure is
+checked on its own text's "skeleton" (the text with number characters and white space deleted: a valid
+record reads `[[,,],[,,]]`), so a line that is only part of a record, or two, cannot pass. Only a block that
+fails is re-read record by record to give each bad record its exact reason; `ConvertResult` counts the
+records of each path.
 
 Commit protocol (an earlier complete dataset in DIR stays usable at every instant):
   1. take `DIR/.convert.lock` (flock): one writer at a time; delete leftovers of a crashed run
@@ -47,6 +52,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -265,24 +271,78 @@ def parser_backend(name: str | None = None) -> _Backend:
     return _BACKENDS[key]
 
 
-_EXPECTED_SKELETONS: dict[int, bytes] = {}
+_VECTOR_RUNS: dict[int, bytes] = {}  # dim -> "[,,],[,,],...": vector skeletons for the longest record yet
+# `{"sequence":` at the start of a record, in any JSON white space (the key spelled without escapes).
+_OBJECT_HEAD = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"sequence"[ \t\r\n]*:')
+_JSON_SPACE = b" \t\r\n"
 
 
-def _vector_counts(joined: bytes, num_records: int, dim: int) -> np.ndarray | None:
-    """Vectors per record if `joined` (= "[" + records joined by "," + "]", valid JSON) is an array of records
-    that are each a non-empty array of arrays of exactly `dim` numbers; None when anything else is there."""
-    skeleton = joined.translate(None, _NUMBER_AND_SPACE)
-    # Each vector of dim numbers reads "[,,...,]" (dim-1 commas): collapse it to "v".
-    units = skeleton.replace(b"[" + b"," * (dim - 1) + b"]", b"v")
-    expected = _EXPECTED_SKELETONS.get(num_records)
-    if expected is None:
-        expected = b"[" + b",".join([b"[v]"] * num_records) + b"]"
-        if len(_EXPECTED_SKELETONS) < 4096:
-            _EXPECTED_SKELETONS[num_records] = expected
-    if units.replace(b"v,", b"") != expected:
-        return None
-    parts = units[2:-2].split(b"],[")
-    return (np.fromiter(map(len, parts), dtype=np.int64, count=num_records) + 1) // 2
+def _vector_run(num_vectors: int, dim: int) -> bytes:
+    """At least `num_vectors` vector skeletons of `dim` numbers, each followed by ","."""
+    run = _VECTOR_RUNS.get(dim, b"")
+    if len(run) < num_vectors * (dim + 2):
+        run = (b"[" + b"," * (dim - 1) + b"],") * max(num_vectors, 2 * len(run) // (dim + 2), 1024)
+        if len(run) <= _BLOCK_BYTES:  # kept for the next records unless one record was huge
+            _VECTOR_RUNS[dim] = run
+    return run
+
+
+def _vector_counts(texts: Sequence[bytes], dim: int) -> np.ndarray | None:
+    """Vectors per record if every text of `texts` is, on its own, one array of arrays of exactly `dim`
+    numbers (as far as its skeleton shows: the numbers themselves are checked by the parser); else None.
+
+    Each text is checked on its own, so a text that is half a record, or two, cannot pass even when the
+    block of all texts would parse. A valid skeleton's length gives its vector count n; it must then read
+    "[" + n vector skeletons joined by "," + "]"."""
+    counts = np.empty(len(texts), dtype=np.int64)
+    vector_bytes = dim + 2  # "[" + dim-1 commas + "]" + the comma before the next vector
+    for i, text in enumerate(texts):
+        skeleton = text.translate(None, _NUMBER_AND_SPACE)
+        num_vectors, rest = divmod(len(skeleton) - 1, vector_bytes)
+        if (
+            rest or num_vectors < 1 or skeleton[0] != 0x5B or skeleton[-1] != 0x5D  # "[" and "]"
+            or not _vector_run(num_vectors, dim).startswith(memoryview(skeleton)[1:-1])
+        ):
+            return None
+        counts[i] = num_vectors
+    return counts
+
+
+def _array_texts(texts: Sequence[bytes]) -> list[bytes] | None:
+    """Each record as the JSON text of its array of vectors: an array record as it is, an object record as
+    the text of its "sequence" value. None when a record needs the precise path (an object without a
+    "sequence" key, or one that is not valid JSON).
+
+    `{"sequence": VALUE}` is unwrapped textually: when VALUE then passes the block checks, the record is a
+    valid JSON object whose only key is "sequence", so this is exactly what the precise path would decode.
+    Any other object (more keys, an escaped key) is decoded and its "sequence" value written back as JSON
+    (orjson writes floats in shortest round-trip form, so parsing that text again gives the same float64)."""
+    arrays = list(texts)
+    for i, text in enumerate(texts):
+        first = text[:1]
+        if first == b"[":
+            continue
+        if first in b" \t\r\n":
+            first = text.lstrip(_JSON_SPACE)[:1]
+        if first != b"{":
+            continue  # not a record: the block checks fail and the precise path gives the reason
+        head = _OBJECT_HEAD.match(text)
+        if head is not None:
+            end = len(text) if text[-1:] == b"}" else len(text.rstrip(_JSON_SPACE))
+            if text[end - 1:end] == b"}" and b'"' not in text[head.end():end]:
+                arrays[i] = text[head.end():end - 1]
+                continue
+        try:
+            value = _decode_json(text)
+        except RecordError:
+            return None
+        if not isinstance(value, dict) or "sequence" not in value:
+            return None
+        try:
+            arrays[i] = orjson.dumps(value["sequence"])
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits: the precise path says what to do
+            return None
+    return arrays
 
 
 @dataclass
@@ -292,6 +352,7 @@ class _BlockOut:
     lines: list = field(default_factory=list)  # int64 arrays
     rejects: list = field(default_factory=list)  # (line, reason)
     num_records: int = 0
+    num_fast: int = 0  # records that took the fast path
 
 
 def _convert_slow(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _BlockOut, on_error: str) -> bool:
@@ -315,12 +376,17 @@ def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
     """All of `texts` through the fast path into `out`; False (and `out` untouched) when any record needs the
     precise path: a parse error, a non-number, a wrong shape, a value beyond float32, or fewer than 2 vectors."""
     n = len(texts)
-    joined = b"[" + b",".join(texts) + b"]"
-    if b"-0" in joined and _NEGATIVE_ZERO_INT.search(joined):
+    arrays = _array_texts(texts)
+    if arrays is None:
         return False
-    counts = _vector_counts(joined, n, dim)
+    counts = _vector_counts(arrays, dim)
     if counts is None or counts.min() < 2:
         return False
+    joined = b"[" + b",".join(arrays) + b"]"
+    del arrays
+    if b"-0" in joined:
+        # An integer "-0" is -0.0 (float("-0")), but JSON parsers read it as the integer 0.
+        joined = _NEGATIVE_ZERO_INT.sub(b"-0.0", joined)
     values = backend.values(joined)
     if values is None or len(values) != int(counts.sum()) * dim:
         return False
@@ -328,6 +394,7 @@ def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
     if not (values.max() <= F32_MAX and values.min() >= -F32_MAX):
         return False
     out.num_records += n
+    out.num_fast += n
     out.values.append(values.reshape(-1, dim).astype(np.float32))
     out.lengths.append(counts)
     out.lines.append(np.asarray(lines, dtype=np.int64))
@@ -405,6 +472,29 @@ def _document_records(data: bytes, dim: int, out: _BlockOut, on_error: str, back
     return _records_into(texts, lines, dim, out, on_error, backend)
 
 
+def _documents_into(docs: list, dim: int, st: _TaskState, on_error: str, backend: _Backend) -> bool:
+    """Whole .json files [(path, text)], each one record at line 1 in the common case, converted as one block
+    (so many small files cost one parse); when the block fails, file by file as `_document_records` does."""
+    texts = []
+    for _, data in docs:
+        data = data.removeprefix(_BOM)
+        if data[:1] not in (b"[", b"{"):
+            break  # blank, indented or not a record: take the file-by-file path
+        texts.append(data)
+    else:
+        out = _BlockOut()
+        if _convert_fast(texts, [1] * len(texts), dim, out, backend):
+            st.add([path for path, _ in docs], out)
+            return True
+    for path, data in docs:
+        out = _BlockOut()
+        ok = _document_records(data, dim, out, on_error, backend)
+        st.add(path, out)
+        if not ok:
+            return False
+    return True
+
+
 def _records_into(texts: list, lines: list, dim: int, out: _BlockOut, on_error: str, backend: _Backend) -> bool:
     """Records in blocks of about _BLOCK_BYTES; False when on_error == "fail" hit a reject."""
     start, size = 0, 0
@@ -418,9 +508,19 @@ def _records_into(texts: list, lines: list, dim: int, out: _BlockOut, on_error: 
 
 
 def _read_range(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, end - start, start)
+        if len(data) < end - start:  # a short read (large ranges); read the rest, up to end of file
+            parts = [data]
+            pos = start + len(data)
+            while pos < end and (more := os.pread(fd, end - pos, pos)):
+                parts.append(more)
+                pos += len(more)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -486,6 +586,7 @@ class _TaskResult:
     lengths: np.ndarray  # int32
     rejects: list  # (path, line, reason)
     num_records: int
+    num_fast: int  # records converted by the block fast path
     parsed_bytes: int
     out_path: str | None  # None when nothing was kept
     shard_bytes: int = 0
@@ -505,16 +606,22 @@ class _TaskState:
         self.dim = dim
         self.blocks, self.partial, self.lengths, self.lines, self.paths = [], [], [], [], []
         self.stats, self.rejects = [], []
-        self.num_records = 0
+        self.num_records = self.num_fast = 0
 
-    def add(self, path: str, out: _BlockOut) -> None:
+    def add(self, path: str | list, out: _BlockOut) -> None:
+        """Records of `out`, all from the file `path`, or (a list) from one file each, every one kept."""
         self.num_records += out.num_records
-        self.rejects.extend((path, line, reason) for line, reason in out.rejects)
+        self.num_fast += out.num_fast
+        if isinstance(path, list):
+            assert not out.rejects and len(path) == sum(len(x) for x in out.lengths)
+            self.paths.extend(path)
+        else:
+            self.rejects.extend((path, line, reason) for line, reason in out.rejects)
+            self.paths.extend([path] * sum(len(x) for x in out.lengths))
         if out.values:
             self.partial.extend(out.values)
             self.lengths.extend(out.lengths)
             self.lines.extend(out.lines)
-            self.paths.extend([path] * sum(len(x) for x in out.lengths))
 
     def close_partial(self) -> None:
         self.stats.append(_values_stats(self.partial, self.dim))
@@ -528,8 +635,14 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
     st = _TaskState(dim)
     parsed_bytes = 0
     ok = True
+    docs, docs_bytes = [], 0  # consecutive whole .json files, converted together
     for i, (path, start, end, first_line, kind) in enumerate(spec.segments):
         seg_cuts = [off for j, off in spec.cuts if j == i]
+        if docs and (None in seg_cuts or kind != "document"):
+            ok = _documents_into(docs, dim, st, on_error, backend)
+            docs, docs_bytes = [], 0
+            if not ok:
+                break
         if None in seg_cuts:
             st.close_partial()
         try:
@@ -537,11 +650,15 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
         except OSError as e:
             raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
         parsed_bytes += end - start
-        out = _BlockOut()
         if kind == "document":
-            ok = _document_records(data, dim, out, on_error, backend)
-            st.add(path, out)
+            docs.append((path, data))
+            docs_bytes += len(data)
+            if docs_bytes >= _BLOCK_BYTES:
+                ok = _documents_into(docs, dim, st, on_error, backend)
+                docs, docs_bytes = [], 0
+            del data
         else:
+            out = _BlockOut()
             offs = [off - start for off in seg_cuts if off is not None]
             texts, lines, starts = _split_lines(data, first_line, bom=start == 0, starts=bool(offs))
             del data
@@ -562,45 +679,46 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
                 st.add(path, out)
         if not ok:
             break
+    if ok and docs:
+        ok = _documents_into(docs, dim, st, on_error, backend)
     if ok:
         st.close_partial()
     lengths = np.concatenate(st.lengths) if st.lengths else np.zeros(0, np.int64)
     result = _TaskResult(
-        spec.task_id, spec.group, st.stats, lengths.astype(np.int32), st.rejects, st.num_records, parsed_bytes,
-        None, failed=not ok,
+        spec.task_id, spec.group, st.stats, lengths.astype(np.int32), st.rejects, st.num_records, st.num_fast,
+        parsed_bytes, None, failed=not ok,
     )
     if not ok or len(lengths) == 0:
         return result
     values = np.concatenate(st.blocks) if len(st.blocks) > 1 else st.blocks[0]
     st.blocks = []
-    table = fmt.sequences_to_table(values, lengths, st.paths, np.concatenate(st.lines), dim)
-    del values
+    lines = np.concatenate(st.lines)
     result.out_path = spec.out_path
     if spec.final:
+        table = fmt.sequences_to_table(values, lengths, st.paths, lines, dim)
+        del values
         result.shard_bytes, result.sha256 = fmt.write_shard(spec.out_path, table)
     else:
-        import pyarrow as pa
-
-        with pa.OSFile(spec.out_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        # A piece is read back only by _merge_pieces, in this run: plain buffers, no Arrow to decode.
+        with open(spec.out_path, "wb") as f:
+            pickle.dump((values, lengths, st.paths, lines), f, protocol=5)
     return result
 
 
 def _merge_pieces(piece_paths: list[str], out_path: str, dim: int) -> tuple[int, str]:
     """Concatenate piece files (in order) into one shard, built exactly as a single task would build it."""
-    import pyarrow.compute as pc
-
     values, lengths, paths, lines = [], [], [], []
     for p in piece_paths:
-        t = fmt.open_shard(p)
-        seq = t.column("sequence").combine_chunks()
-        values.append(pc.list_flatten(pc.list_flatten(seq)).to_numpy(zero_copy_only=False))
-        lengths.append(t.column("length").to_numpy())
-        paths.extend(t.column("path").to_pylist())
-        lines.append(t.column("line").to_numpy())
+        with open(p, "rb") as f:
+            piece_values, piece_lengths, piece_paths_, piece_lines = pickle.load(f)
+        values.append(piece_values)
+        lengths.append(piece_lengths)
+        paths.extend(piece_paths_)
+        lines.append(piece_lines)
     table = fmt.sequences_to_table(
         np.concatenate(values).reshape(-1, dim), np.concatenate(lengths), paths, np.concatenate(lines), dim
     )
+    del values
     result = fmt.write_shard(out_path, table)
     for p in piece_paths:
         os.unlink(p)
@@ -636,7 +754,7 @@ def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = No
         if exclude_real is not None and (real == exclude_real or exclude_real in real.parents):
             raise UserError(f"{src_str}: is inside the output folder {exclude}; pick an output folder outside the inputs")
         if p.is_file():
-            _add_source(found, os.path.normpath(src_str), p)
+            _add_source(found, os.path.normpath(src_str))
             continue
         for root, dirs, files in os.walk(src_str):
             if exclude_real is not None:
@@ -644,15 +762,15 @@ def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = No
             for name in files:
                 full = os.path.normpath(os.path.join(root, name))
                 if name.endswith(_INPUT_SUFFIXES):
-                    _add_source(found, full, Path(full))
+                    _add_source(found, full)
                 else:
                     ignored += 1
     return [found[k] for k in sorted(found)], ignored
 
 
-def _add_source(found: dict, path: str, p: Path) -> None:
+def _add_source(found: dict, path: str) -> None:
     try:
-        st = p.stat()
+        st = os.stat(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     found[path] = _Source(path, st.st_size, st.st_mtime_ns, "lines" if path.endswith(".jsonl") else "document")
@@ -866,6 +984,10 @@ class ConvertResult:
     backend: str
     elapsed_s: float
     rejects_path: Path | None
+    # Records parsed in this run (reused groups not counted) by the block fast path, and one by one by the
+    # precise path (every record of a block that held a bad or unusual one).
+    num_records_fast: int = 0
+    num_records_slow: int = 0
 
     @property
     def input_mb_per_s(self) -> float:
@@ -1148,7 +1270,7 @@ def _make_tasks(groups, build, dim, on_error, workers, staging: Path, token: str
         if partials and len(partials) > 1:
             ids = []
             for pi, partial in enumerate(partials):
-                piece = str(staging / f"piece-{gi:06d}-{pi:06d}.arrow")
+                piece = str(staging / f"piece-{gi:06d}-{pi:06d}.pickle")
                 ids.append(len(specs))
                 specs.append(_TaskSpec(len(specs), gi, partial, [], dim, on_error, piece, False, backend))
             pieces_of[gi] = ids
@@ -1163,6 +1285,7 @@ class _Built:
     lengths: np.ndarray
     rejects: list
     num_records: int
+    num_fast: int
     shard_path: str | None
     shard_bytes: int = 0
     sha256: str = ""
@@ -1208,7 +1331,10 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
             # Workers are forked before any progress thread starts.
             with ctx.Pool(n_procs, initializer=_worker_init) as pool:
                 pending_merges = {}
-                for r in pool.imap_unordered(_run_task, specs):
+                # Largest tasks first, so the last ones to finish are small (results are keyed by task id,
+                # so the order of execution changes nothing in the output).
+                by_size = sorted(specs, key=lambda s: -sum(seg[2] - seg[1] for seg in s.segments))
+                for r in pool.imap_unordered(_run_task, by_size):
                     on_result(r)
                     for gi, ids in pieces_of.items():
                         if gi not in pending_merges and all(i in results for i in ids):
@@ -1241,6 +1367,7 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
             np.concatenate([r.lengths for r in rs]) if rs else np.zeros(0, np.int32),
             [rej for r in rs for rej in r.rejects],
             sum(r.num_records for r in rs),
+            sum(r.num_fast for r in rs),
             None,
         )
         if gi in pieces_of:
@@ -1397,4 +1524,6 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
         backend=parser_backend().name,
         elapsed_s=time.perf_counter() - t0,
         rejects_path=rejects_path if rejects else None,
+        num_records_fast=sum(b.num_fast for b in built.values()),
+        num_records_slow=sum(b.num_records - b.num_fast for b in built.values()),
     )

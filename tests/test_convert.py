@@ -180,6 +180,154 @@ def test_dim_is_taken_from_first_valid_record(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Fast path: object records, mixed blocks, many small files
+
+
+def _object(vectors: list[list[str]], style: int, multiline: bool = False) -> str:
+    """An object record {"sequence": ...} in one of several spellings (white space, key order, extra keys);
+    `multiline` spreads it over lines (for a .json file)."""
+    body = _record(vectors)
+    nl = "\r\n" if multiline else " "
+    return [
+        '{"sequence":' + body + "}",
+        '{ "sequence" : ' + body + " }",
+        '\t{' + nl + '"sequence"' + nl + ':\t' + body.replace(", ", "," + nl) + nl + "}\t",
+        '{"id": 7, "sequence": ' + body + ', "meta": {"name": "f", "tags": ["a", "b"], "x": [1.5, null]}}',
+        '{"sequ\\u0065nce": ' + body + "}",
+    ][style % 5]
+
+
+def test_object_records_take_the_fast_path(tmp_path, backend):
+    """A clean corpus of object records (every spelling, mixed with arrays in the same blocks and in many
+    small .json files) is converted without the record-by-record path, with the exact values."""
+    rng = np.random.default_rng(21)
+    src = tmp_path / "src"
+    (src / "fns").mkdir(parents=True)
+    expected = {}
+    lines = []
+    for i in range(117):
+        vecs = [_vec_text(rng) for _ in range(int(rng.integers(2, 40)))]
+        lines.append(_object(vecs, i) if i % 3 else _record(vecs))
+        expected[(str(src / "part.jsonl"), i + 1)] = vecs
+    (src / "part.jsonl").write_text("\n".join(lines) + "\n")
+    for i in range(53):
+        vecs = [_vec_text(rng) for _ in range(int(rng.integers(2, 40)))]
+        path = src / "fns" / f"fn-{i:03d}.json"
+        path.write_text(_object(vecs, i, multiline=True) if i % 2 else _record(vecs) + "\n")
+        expected[(str(path), 1)] = vecs
+    r = cv.convert([src], tmp_path / "out", workers=1, dim=DIM)
+    _check_matches(tmp_path / "out", expected)
+    assert (r.num_records_fast, r.num_records_slow, r.num_rejected) == (117 + 53, 0, 0)
+
+
+def test_negative_zero_integers_take_the_fast_path(tmp_path, backend):
+    (tmp_path / "z.jsonl").write_text('[[-0, 1], [2, -0]]\n{"sequence": [[0,-0 ],[-0\t,-0.0]]}\n')
+    r = cv.convert([tmp_path / "z.jsonl"], tmp_path / "out", workers=1)
+    rows = _read_dataset(tmp_path / "out")
+    assert rows[0][2].tobytes() == np.array([[-0.0, 1], [2, -0.0]], np.float32).tobytes()
+    assert rows[1][2].tobytes() == np.array([[0.0, -0.0], [-0.0, -0.0]], np.float32).tobytes()
+    assert (r.num_records_fast, r.num_records_slow) == (2, 0)
+
+
+def test_block_of_objects_with_one_bad_record_keeps_every_good_one(tmp_path, backend):
+    rng = np.random.default_rng(22)
+    src = tmp_path / "mixed.jsonl"
+    vectors = [[_vec_text(rng) for _ in range(int(rng.integers(2, 30)))] for _ in range(41)]
+    lines = [_object(v, i % 4) if i % 2 else _record(v) for i, v in enumerate(vectors)]
+    bad_line = 18
+    reason = f"vector 1 (0-based) has {DIM - 1} values, expected {DIM} (--dim)"
+    lines[bad_line - 1] = json.dumps({"sequence": [[1] * DIM, [1] * (DIM - 1)]})
+    src.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DataError) as e:
+        cv.convert([src], tmp_path / "fail", workers=1, dim=DIM)
+    assert f"{src}:{bad_line}: {reason};" in str(e.value)
+
+    r = cv.convert([src], tmp_path / "skip", workers=1, dim=DIM, on_error="skip")
+    assert (r.num_sequences, r.num_rejected, r.num_records) == (40, 1, 41)
+    assert r.num_records_slow == 41 and r.num_records_fast == 0  # only the block holding the bad record
+    rows = _read_dataset(tmp_path / "skip")
+    assert [ln for _, ln, _ in rows] == [i + 1 for i in range(41) if i + 1 != bad_line]
+    for _, ln, arr in rows:
+        assert arr.tobytes() == _expected(vectors[ln - 1]).tobytes()
+    rejects = [json.loads(x) for x in (tmp_path / "skip" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"path": str(src), "line": bad_line, "reason": reason}]
+
+
+@pytest.mark.parametrize("record, reason", [
+    ('{"sequence": [[1, 2], [3, "4"]], "id": 1}', "vector 1 value 1 (0-based) is a string, expected a number"),
+    ('{"id": 1, "seq": [[1, 2], [3, 4]]}', 'object has no "sequence" key'),
+    ('{"sequence": [[1, 2], [3, 4]]}}', "not valid JSON"),
+    ('{"sequence": [[1, 2], [3, 4]], }', "not valid JSON"),
+    ('{"sequence": {"a": [[1, 2], [3, 4]]}}', "expected an array of vectors, got an object"),
+    ('{"sequence": [[1, 2]]}', "has 1 vector; at least 2 are needed"),
+    ('{"sequence": [[1, 2], [3, 1e39]]}', "overflows float32"),
+    ('{"sequence": [[1, 2], [3, 4]], "sequence": [[1, 2]]}', "has 1 vector"),  # the last key wins, as in json
+])
+def test_bad_object_records_keep_their_exact_reason(tmp_path, record, reason, backend):
+    src = tmp_path / "o.jsonl"
+    src.write_text('{"sequence": [[1, 2], [3, 4]], "id": 0}\n' + record + '\n{"sequence": [[5, 6], [7, 8]]}\n')
+    r = cv.convert([src], tmp_path / "out", workers=1, dim=2, on_error="skip")
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["line"] == 2 and reason in rejects[0]["reason"]
+    assert [arr.tolist() for _, _, arr in _read_dataset(tmp_path / "out")] == [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
+    assert r.num_sequences == 2
+
+
+def test_lines_that_only_join_into_records_are_rejected(tmp_path, backend):
+    """Two broken lines whose text, joined with a comma, would read as two valid records must not pass."""
+    src = tmp_path / "glued.jsonl"
+    src.write_text("[[1,2],[1,2]],[[3,4]\n[5,6]]\n[[7,8],[9,10]]\n")
+    r = cv.convert([src], tmp_path / "out", workers=1, dim=2, on_error="skip")
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(x["line"], "not valid JSON" in x["reason"]) for x in rejects] == [(1, True), (2, True)]
+    assert (r.num_sequences, r.num_rejected) == (1, 2)
+    assert [ln for _, ln, _ in _read_dataset(tmp_path / "out")] == [3]
+
+
+def test_many_small_json_files_in_one_block(tmp_path, backend):
+    """Hundreds of small .json files are parsed together; odd files among them (blank, BOM, indented,
+    JSON Lines, a bad one) keep their exact handling and every record its file and line."""
+    rng = np.random.default_rng(23)
+    src = tmp_path / "fns"
+    src.mkdir()
+    expected, bad = {}, None
+    for i in range(301):
+        path = src / f"fn-{i:04d}.json"
+        vecs = [_vec_text(rng, 5) for _ in range(int(rng.integers(2, 12)))]
+        if i == 150:
+            path.write_text("  \n")
+            continue
+        if i == 151:
+            path.write_text('[[1, 2, 3, 4, 5], [1, 2, 3, "4", 5]]')
+            bad = path
+            continue
+        if i == 152:  # JSON Lines in a .json file
+            more = [_vec_text(rng, 5) for _ in range(3)]
+            path.write_text(_record(vecs) + "\n" + _record(more) + "\n")
+            expected[(str(path), 2)] = more
+        elif i == 153:
+            path.write_bytes(b"\xef\xbb\xbf" + _object(vecs, 0).encode())
+        elif i == 154:
+            path.write_text("\n  " + _record(vecs))
+        else:
+            path.write_text(_object(vecs, i) if i % 2 else _record(vecs))
+        expected[(str(path), 1)] = vecs
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        r = cv.convert([src], out, workers=workers, on_error="skip", shard_mb=0.05)
+        _check_matches(out, expected)
+        rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+        assert rejects == [{"path": str(bad), "line": 1, "reason": "vector 1 value 3 (0-based) is a string, expected a number"}]
+        assert r.num_records == len(expected) + 1
+        # Only the blocks holding the odd files go file by file.
+        assert 0 < r.num_records_slow < r.num_records // 4
+        results[workers] = _shard_digests(out)
+    assert results[1] == results[2]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Rejects
 
 BAD_RECORDS = {
