@@ -39,7 +39,6 @@ import numpy as np
 from corpus import asm_corpus  # benchmarks/corpus.py
 
 DIM = 28
-REPO = Path(__file__).resolve().parents[1]
 STDLIB_READER = r"""
 import json, os, sys
 import numpy as np
