@@ -1,4 +1,5 @@
-"""Loader throughput, side by side in one run: ShardStream (0/1/2 workers) vs the seed-style pipeline
+"""Loader throughput, side by side in one run: ShardStream (0/1/2 workers; with 2 workers also handing each
+batch over as tensors, DataLoader's own way, and per --block-sizes batches per worker message) vs the seed-style pipeline
 (JSON-loaded tensors, random batches of 16, pad_sequence) vs Hugging Face `datasets` (optional peer),
 against this machine's memcpy bound.
 
@@ -102,6 +103,32 @@ def bench_shardstream(root: Path, max_tokens: int, num_workers: int, repeats: in
     return _measure(run, repeats)
 
 
+def bench_tensor_handover(root: Path, max_tokens: int, num_workers: int, repeats: int) -> dict:
+    """ShardStream under a bare DataLoader: each batch's five tensors go through torch's shared-memory
+    IPC (a segment per tensor per batch), the hand-over a Loader replaces with its ring."""
+    from torch.utils.data import DataLoader
+
+    def run(r):
+        ds = ShardStream(root, max_tokens=max_tokens, seed=0)
+        ds.set_epoch(r)
+        ds._publish_position()
+        for batch in DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4):
+            yield batch.x, batch.lengths
+
+    return _measure(run, repeats)
+
+
+def bench_block_size(root: Path, max_tokens: int, num_workers: int, block: int, repeats: int) -> dict:
+    from streamtrain.data import stream
+
+    saved = stream.BATCHES_PER_MESSAGE
+    stream.BATCHES_PER_MESSAGE = block  # read when the loader is made; forked workers inherit it
+    try:
+        return bench_shardstream(root, max_tokens, num_workers, repeats)
+    finally:
+        stream.BATCHES_PER_MESSAGE = saved
+
+
 def _export_json(root: Path, ids: np.ndarray, json_path: Path, jsonl_path: Path) -> None:
     reader = ShardReader(root)
     seqs = [reader.sequence(int(i)).tolist() for i in ids]
@@ -171,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-sequences", type=int, default=4_000, help="sequences the JSON peers read")
     p.add_argument("--peer-batch", type=int, default=16, help="batch size of the JSON peers")
     p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (medians are quoted)")
+    p.add_argument("--block-sizes", default="1",
+                   help="comma-separated batches per worker message to also try with 2 workers ('' for none)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -189,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict | None] = {}
         for workers in (0, 1, 2):
             results[f"shardstream_w{workers}"] = bench_shardstream(root, args.max_tokens, workers, args.repeats)
+        results["shardstream_w2_tensors"] = bench_tensor_handover(root, args.max_tokens, 2, args.repeats)
+        for block in [int(b) for b in args.block_sizes.split(",") if b.strip()]:
+            results[f"shardstream_w2_block{block}"] = bench_block_size(root, args.max_tokens, 2, block, args.repeats)
 
         peer_ids = np.random.default_rng(0).choice(index.num_sequences, min(args.peer_sequences, index.num_sequences),
                                                    replace=False)
@@ -212,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * r['pad_fraction']:>7.1f}%{r['first_batch_s']:>15.3f}")
     best = max(results[f"shardstream_w{w}"]["real_tokens_per_s"] for w in (0, 1, 2))
     ratios = {"best_shardstream_vs_memcpy": best / bound_tokens_per_s,
+              "w2_ring_vs_w2_tensors": results["shardstream_w2"]["real_tokens_per_s"]
+              / results["shardstream_w2_tensors"]["real_tokens_per_s"],
+              "w2_vs_w0": results["shardstream_w2"]["real_tokens_per_s"] / results["shardstream_w0"]["real_tokens_per_s"],
               "best_shardstream_vs_seed": best / results["seed_json_pad_sequence"]["real_tokens_per_s"]}
     if results["hf_datasets"] is not None:
         ratios["best_shardstream_vs_hf"] = best / results["hf_datasets"]["real_tokens_per_s"]

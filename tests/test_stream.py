@@ -7,6 +7,7 @@ import torch
 from conftest import write_dataset
 
 from streamtrain.data import Batch, Loader, ShardStream, make_loader
+from streamtrain.data.shm import BatchRing
 from streamtrain.errors import DataError, UserError
 from streamtrain.format import read_index
 
@@ -279,3 +280,66 @@ def test_stream_checks_shard_files_and_arguments_up_front(data, tmp_path):
         _stream(root, max_len=MAX_TOKENS + 8)
     with pytest.raises(UserError, match="rank"):
         _stream(root, rank=2, world_size=2)
+
+
+# -- hand-over from workers through the shared-memory ring ---------------------------------------------
+
+
+def test_ring_claims_free_slots_ignores_stale_releases_and_stops_waiting_on_a_new_generation():
+    ring = BatchRing(num_workers=2, slots_per_worker=2, slot_floats=12)
+    generation = ring.start(1)
+    a, b = ring.claim(1, generation), ring.claim(1, generation)
+    assert {a[0], b[0]} == {0, 1} and a[1] != b[1]
+    ring.slot(1, a[0], (3, 4))[:] = 7.0
+    assert not ring.slot(0, a[0], (12,)).any()  # regions of other workers are apart
+    ring.release(1, a[0], a[1] + 100)  # not the batch in the slot: ignored
+    assert ring.holds(1, a[0], a[1])
+    ring.release(1, a[0], a[1])
+    c = ring.claim(1, generation)
+    assert c[0] == a[0] and c[1] > b[1]
+    ring.new_generation()  # both slots held and the iteration over: the worker stops waiting
+    assert ring.claim(1, generation) is None
+    generation = ring.start(1)  # a restarted worker frees its region
+    d = ring.claim(1, generation)
+    assert d == (0, c[1] + 1)
+    for stale in (a, b, c):  # late releases of the previous iteration's batches: ignored
+        ring.release(1, 0, stale[1])
+    assert ring.holds(1, 0, d[1])
+
+
+def test_worker_batches_reuse_ring_slots_across_epochs_and_equal_in_process_ones(data):
+    root, _ = data
+    reference = make_loader(_stream(root, seed=8), num_workers=0)
+    expected = [_run(reference), _run(reference)]
+    loader = make_loader(_stream(root, seed=8), num_workers=2, prefetch_factor=1)
+    got = [_run(loader), _run(loader)]
+    ring = loader.dataset._ring
+    assert isinstance(ring, BatchRing) and 2 * ring.num_workers * ring.slots_per_worker < len(expected[0])
+    for e in range(2):
+        _assert_same(got[e], expected[e])
+        assert all(b.x.dtype == torch.float32 and b.mask.dtype == torch.bool and b.ids.dtype == torch.int64
+                   for b in got[e])
+    assert all(not b.x.is_shared() for b in got[0])  # copied out: users may keep batches
+    assert (loader.epoch, loader.batches_done) == (2, 0)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_abandoning_a_worker_iteration_then_iterating_again_continues_the_stream(data, persistent):
+    root, _ = data
+    expected = _run(make_loader(_stream(root, seed=9), num_workers=0))
+    loader = make_loader(_stream(root, seed=9), num_workers=2, prefetch_factor=1, persistent_workers=persistent)
+    held = iter(loader)  # kept open: its workers have filled their slots and wait
+    first = [next(held) for _ in range(3)]
+    rest = _run(loader)
+    _assert_same(first + rest, expected)
+    assert (loader.epoch, loader.batches_done) == (1, 0)
+    del held
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_worker_batches_are_pinned_on_cuda_and_equal_in_process_ones(data):
+    root, _ = data
+    expected = _run(make_loader(_stream(root, seed=10), num_workers=0, pin_memory=False))
+    got = _run(make_loader(_stream(root, seed=10), num_workers=2, pin_memory=True))
+    _assert_same(got, expected)
+    assert all(b.x.is_pinned() and b.lengths.is_pinned() for b in got)

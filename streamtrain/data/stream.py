@@ -1,9 +1,10 @@
 """`ShardStream` (an IterableDataset of padded batches), `Batch`, and `make_loader` with exact resume.
 
 Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
-are dealt round-robin to ranks (`bucketing.deal_batches`), then round-robin to DataLoader workers (worker
-w of W takes the rank's batches k with k % W == w). DataLoader collects worker outputs round-robin in
-order, so a rank sees the same stream for any `num_workers`, and a resume may change it.
+are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
+BATCHES_PER_MESSAGE consecutive batches, round-robin (block j of the iteration to worker j % W; without a
+Loader, batch k to worker k % W). DataLoader collects worker outputs round-robin in order, so a rank sees
+the same stream for any `num_workers`, and a resume may change it.
 
 Position: a stream carries `(epoch, batches_done)`, the epoch and rank-local number of the *next* batch to
 yield; only a `Loader` advances it (iterating a ShardStream directly yields the rest of the current epoch
@@ -27,6 +28,13 @@ world_size 1 every item (a sequence, or each window of a long one) is yielded ex
 
 Workers hold the position in a small shared-memory tensor, so persistent workers see `set_epoch` and
 `load_state_dict` made in the main process.
+
+Hand-over from workers: a `Loader` with workers allocates a `shm.BatchRing` (a few batch-sized slots per
+worker in shared memory) before the workers start. A worker writes each padded batch straight into a free
+slot and sends, per block, only slot numbers and the small per-row arrays (a `_SlotGroup`); the main
+process (or DataLoader's pin-memory thread, straight into pinned memory) copies x out of each slot, frees
+it, and rebuilds the mask from the lengths. This replaces a shared-memory segment per tensor per batch
+and a DataLoader round trip per batch, each of which costs more than building the batch.
 """
 
 from __future__ import annotations
@@ -40,10 +48,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.reader import ShardReader
+from streamtrain.data.shm import BatchRing
 from streamtrain.errors import DataError, UserError
 from streamtrain.format import Index, read_index
 
 __all__ = ["Batch", "ShardStream", "Loader", "make_loader"]
+
+# Batches per DataLoader item from a worker (a block of consecutive batches of the rank's stream). Each
+# item costs a DataLoader round trip (queues, pickling, thread hand-offs), more than building a batch;
+# blocks spread that cost over several batches (benchmarks/bench_loader.py --block-sizes).
+BATCHES_PER_MESSAGE = 4
 
 
 @dataclass
@@ -165,6 +179,8 @@ class ShardStream(IterableDataset):
         self._iteration_start = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._reader: ShardReader | None = None
         self._plan_cache: tuple[int, bucketing.Plan] | None = None
+        # set by a Loader before it starts workers; None: workers hand batches over as tensors
+        self._ring: BatchRing | None = None
 
     def _check_shard_files(self) -> None:
         for info in self.index.shards:
@@ -242,12 +258,19 @@ class ShardStream(IterableDataset):
             self._reader = ShardReader(self.index)
         return self._reader
 
+    def _rows(self, item_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int64 (ids, offsets, lengths) of the rows of a batch."""
+        items = self.items
+        return (
+            items.ids[item_indices].astype(np.int64, copy=False),
+            items.offsets[item_indices].astype(np.int64, copy=False),
+            items.lengths[item_indices].astype(np.int64, copy=False),
+        )
+
     def make_batch(self, item_indices: np.ndarray, padded_len: int, shared: bool = False) -> Batch:
         """Copy the items into one zero-padded (B, T, D) array; `shared`: allocate it in shared memory so a
         DataLoader worker hands it to the main process without another copy."""
-        ids = self.items.ids[item_indices]
-        offsets = self.items.offsets[item_indices]
-        lengths = self.items.lengths[item_indices]
+        ids, offsets, lengths = self._rows(item_indices)
         shape = (len(item_indices), padded_len, self.dim)
         if shared:
             x = _shared_empty(shape)
@@ -258,14 +281,20 @@ class ShardStream(IterableDataset):
             out = np.zeros(shape, dtype=np.float32)
             x = torch.from_numpy(out)
         self.reader.gather(out, ids, offsets, lengths)
-        mask = torch.from_numpy(np.arange(padded_len)[None, :] < lengths[:, None])
-        return Batch(
-            x=x,
-            mask=mask,
-            lengths=torch.from_numpy(lengths.astype(np.int64, copy=False)),
-            ids=torch.from_numpy(ids),
-            offsets=torch.from_numpy(offsets),
-        )
+        return _assemble(x, lengths, ids, offsets)
+
+    def _slot_batch(self, ring: BatchRing, worker: int, generation: int, item_indices: np.ndarray,
+                    padded_len: int) -> _SlotBatch | None:
+        """Build a batch in a free slot of `ring`; None when the iteration ended while waiting for one."""
+        claimed = ring.claim(worker, generation)
+        if claimed is None:
+            return None
+        slot, seq = claimed
+        ids, offsets, lengths = self._rows(item_indices)
+        out = ring.slot(worker, slot, (len(item_indices), padded_len, self.dim))
+        out.fill(0)
+        self.reader.gather(out, ids, offsets, lengths)
+        return _SlotBatch(ring.token, worker, slot, seq, padded_len, self.dim, lengths, ids, offsets)
 
     def __iter__(self):
         # Not a generator function: the start is read now, when DataLoader (re)starts the worker, not at
@@ -273,6 +302,8 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch, start = (int(v) for v in self._iteration_start.tolist())
+        if info is not None and self._ring is not None:
+            return self._slot_batches(self._ring, epoch, start, worker, num_workers)
         return self._batches(epoch, start, worker, num_workers, shared=info is not None)
 
     def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
@@ -281,6 +312,98 @@ class ShardStream(IterableDataset):
         for k in range(start + worker, len(mine), num_workers):
             items, padded_len = plan.batch(int(mine[k]))
             yield self.make_batch(items, padded_len, shared=shared)
+
+    def _slot_batches(self, ring: BatchRing, epoch: int, start: int, worker: int, num_workers: int):
+        # Frees this worker's slots now, when DataLoader (re)starts the worker: batches of an earlier
+        # iteration have all been consumed or discarded by then.
+        generation = ring.start(worker)
+        return self._slot_batch_gen(ring, generation, epoch, start, worker, num_workers)
+
+    def _slot_batch_gen(self, ring: BatchRing, generation: int, epoch: int, start: int, worker: int,
+                        num_workers: int):
+        # Blocks of BATCHES_PER_MESSAGE consecutive batches, dealt round-robin: DataLoader hands the
+        # blocks over in order, so the main process sees the same sequence as from one process.
+        plan = self.plan(epoch)
+        mine = self.rank_batches()
+        block = BATCHES_PER_MESSAGE
+        for first in range(start + worker * block, len(mine), num_workers * block):
+            group = []
+            for k in range(first, min(first + block, len(mine))):
+                items, padded_len = plan.batch(int(mine[k]))
+                batch = self._slot_batch(ring, worker, generation, items, padded_len)
+                if batch is None:
+                    return
+                group.append(batch)
+            yield _SlotGroup(group)
+
+
+def _assemble(x: torch.Tensor, lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> Batch:
+    mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+    return Batch(
+        x=x,
+        mask=torch.from_numpy(mask),
+        lengths=torch.from_numpy(lengths),
+        ids=torch.from_numpy(ids),
+        offsets=torch.from_numpy(offsets),
+    )
+
+
+class _SlotBatch:
+    """What a worker sends for a batch it wrote into a `BatchRing` slot: where x is, and the row arrays
+    (int64 numpy, pickled by value: a few KB). `take()` in the main process turns it into a Batch."""
+
+    __slots__ = ("ring_token", "worker", "slot", "seq", "padded_len", "dim", "lengths", "ids", "offsets")
+
+    def __init__(self, ring_token: int, worker: int, slot: int, seq: int, padded_len: int, dim: int,
+                 lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray):
+        self.ring_token, self.worker, self.slot, self.seq = ring_token, worker, slot, seq
+        self.padded_len, self.dim = padded_len, dim
+        self.lengths, self.ids, self.offsets = lengths, ids, offsets
+
+    def __getstate__(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state) -> None:
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+    def take(self, pin: bool = False) -> Batch:
+        """Copy x out of the slot (into pinned memory when `pin`), free the slot, and build the Batch."""
+        ring = BatchRing.find(self.ring_token)
+        shape = (len(self.lengths), self.padded_len, self.dim)
+        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+        np.copyto(x.numpy(), ring.slot(self.worker, self.slot, shape))
+        # checked after the copy: the slot held this batch throughout
+        intact = ring.holds(self.worker, self.slot, self.seq)
+        ring.release(self.worker, self.slot, self.seq)
+        assert intact, f"batch slot {self.worker}/{self.slot} was reused before it was taken"
+        batch = _assemble(x, self.lengths, self.ids, self.offsets)
+        if pin:  # x is pinned already; the small tensors are pinned as Batch.pin_memory would
+            batch = Batch(x=x, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(Batch) if f.name != "x"})
+        return batch
+
+
+
+class _SlotGroup:
+    """One DataLoader item from a worker: consecutive `_SlotBatch`es of the rank's stream."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, batches: list[_SlotBatch]):
+        self.batches = batches
+
+    def __getstate__(self):
+        return self.batches
+
+    def __setstate__(self, state) -> None:
+        self.batches = state
+
+    def take(self, pin: bool = False) -> list[Batch]:
+        return [b.take(pin) for b in self.batches]
+
+    def pin_memory(self) -> list[Batch]:
+        """Called by DataLoader's pin-memory thread: one copy per batch, from the slot into pinned memory."""
+        return self.take(pin=True)
 
 
 def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
@@ -320,22 +443,48 @@ class Loader:
         ds = self.dataset
         if self._dataloader is None:
             self._dataloader = DataLoader(ds, batch_size=None, **self._kwargs)
+        ring = self._prepare_ring(self._dataloader)
         epoch = ds.epoch
         ds._publish_position()  # read by the stream's __iter__ (in each worker) when iter() starts them
         it = iter(self._dataloader)
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except DataError as e:
-                self._close_workers(it)
-                raise DataError(_worker_message(str(e))) from None
-            if ds.epoch != epoch:
-                raise RuntimeError("the stream's position changed while a Loader was iterating it")
-            # the running iteration's workers already hold their start: only the main process's count moves
-            ds._set_position(epoch, ds.batches_done + 1, publish=False)
-            yield batch
+        try:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except DataError as e:
+                    if ring is not None:
+                        ring.new_generation()  # a worker waiting for a slot stops, so shutdown is quick
+                    self._close_workers(it)
+                    raise DataError(_worker_message(str(e))) from None
+                if isinstance(batch, _SlotGroup):
+                    batch = batch.take()
+                for b in batch if isinstance(batch, list) else (batch,):
+                    if ds.epoch != epoch:
+                        raise RuntimeError("the stream's position changed while a Loader was iterating it")
+                    # the running iteration's workers already hold their start: only the main process's
+                    # count moves
+                    ds._set_position(epoch, ds.batches_done + 1, publish=False)
+                    yield b
+        finally:
+            if ring is not None:
+                ring.new_generation()  # ended or abandoned: a worker waiting for a slot of it stops
+
+    def _prepare_ring(self, dataloader: DataLoader) -> BatchRing | None:
+        """The ring this iteration's workers write into. A fresh one whenever DataLoader is about to start
+        workers: those of an abandoned iterator may still be writing into the previous one."""
+        ds = self.dataset
+        if dataloader.num_workers == 0:
+            return None
+        restart = dataloader.persistent_workers and getattr(dataloader, "_iterator", None) is not None
+        if ds._ring is None or not restart:
+            # DataLoader holds up to prefetch_factor items per worker, and asks for the next one before
+            # the current one is copied out
+            slots = (dataloader.prefetch_factor + 1) * BATCHES_PER_MESSAGE
+            ds._ring = BatchRing(dataloader.num_workers, slots, ds.max_tokens * ds.dim)
+        ds._ring.new_generation()
+        return ds._ring
 
     def _close_workers(self, it) -> None:
         # Left to garbage collection, workers of a failed iterator take seconds to join; the next
@@ -396,16 +545,19 @@ def make_loader(
     multiprocessing_context: str | None = None,
 ) -> Loader:
     """A Loader over `dataset`: DataLoader with batch_size=None (the stream batches), pinned memory only
-    when CUDA is available, `prefetch_factor` batches in flight per worker, workers kept across epochs.
+    when CUDA is available, about `prefetch_factor` batches in flight per worker (rounded up to whole
+    blocks of BATCHES_PER_MESSAGE), workers kept across epochs.
 
-    Workers build batches in shared memory and DataLoader hands them over by file descriptor, which costs
-    more per batch than building it (a few memcpys); workers pay off when the main process is busy
-    driving an accelerator, while num_workers=0 is the fastest when it is not (benchmarks/bench_loader.py).
+    Workers build batches in a shared-memory ring allocated once per worker start (per worker, a block
+    more than its batches in flight, each slot max_tokens * dim float32) and send only metadata; the main
+    process pays one copy per batch (into pinned memory on CUDA). Workers pay off when the main process is busy driving an accelerator;
+    with an idle main process on few cores num_workers=0 is as fast (benchmarks/bench_loader.py).
     """
     kwargs: dict = {"num_workers": num_workers, "pin_memory": bool(pin_memory and torch.cuda.is_available())}
     if num_workers > 0:
         kwargs.update(
-            prefetch_factor=prefetch_factor,
+            # DataLoader counts items, blocks of BATCHES_PER_MESSAGE batches
+            prefetch_factor=max(1, -(-prefetch_factor // BATCHES_PER_MESSAGE)),
             persistent_workers=persistent_workers,
             multiprocessing_context=multiprocessing_context,
         )
