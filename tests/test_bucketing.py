@@ -159,3 +159,15 @@ def test_split_ids_is_disjoint_complete_and_deterministic():
     assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(117))
     train2, val2 = split_ids(117, 0.1, seed=2)
     assert np.array_equal(val, val2) and np.array_equal(train, train2)
+
+
+def test_max_sequences_caps_rows_and_keeps_every_item_once():
+    lengths = _lognormal_lengths(2_001, seed=3)
+    items = window_items(lengths, 1024)
+    bounds = bucket_bounds(items.lengths)
+    plan = plan_epoch(items.lengths, bounds, 16 * 1024, 0, 0, max_sequences=16)
+    assert np.array_equal(np.sort(plan.order), np.arange(len(items)))
+    sizes = np.array([len(plan.batch(b)[0]) for b in range(plan.num_batches)])
+    assert sizes.max() == 16
+    # only the last batch of each bucket may be short
+    assert (sizes < 16).sum() <= len(np.unique(plan.padded_len))

@@ -343,3 +343,14 @@ def test_worker_batches_are_pinned_on_cuda_and_equal_in_process_ones(data):
     got = _run(make_loader(_stream(root, seed=10), num_workers=2, pin_memory=True))
     _assert_same(got, expected)
     assert all(b.x.is_pinned() and b.lengths.is_pinned() for b in got)
+
+
+def test_max_sequences_gives_fixed_size_batches(data):
+    root, seqs = data
+    ds = _stream(root, max_tokens=16 * 64, max_len=64, max_sequences=16, shuffle=False)
+    batches = _run(make_loader(ds, num_workers=0))
+    assert max(len(b) for b in batches) == 16
+    assert all(b.num_padded_tokens <= 16 * 64 for b in batches)
+    assert sorted(_items(batches)) == sorted(_items(_run(make_loader(_stream(root, max_tokens=16 * 64, max_len=64), num_workers=0))))
+    with pytest.raises(UserError, match="max_sequences"):
+        _stream(root, max_sequences=0)

@@ -165,8 +165,10 @@ def plan_epoch(
     seed: int,
     epoch: int,
     shuffle: bool = True,
+    max_sequences: int | None = None,
 ) -> Plan:
-    """Batches of one epoch: every item exactly once, each batch of one bucket, B * T <= max_tokens.
+    """Batches of one epoch: every item exactly once, each batch of one bucket, B * T <= max_tokens, and
+    B <= max_sequences when given (the fixed-batch-size mode: B sequences of similar length).
 
     shuffle=True: items permuted with `default_rng([seed, epoch])` before the stable grouping by bucket (so
     the members of a batch are a random draw from their bucket), then the batch order permuted with the same
@@ -186,6 +188,8 @@ def plan_epoch(
 
     count = np.bincount(bucket, minlength=len(bounds)).astype(np.int64)
     per_batch = max_tokens // bounds  # items per batch in each bucket
+    if max_sequences is not None:
+        per_batch = np.minimum(per_batch, max_sequences)
     num_segments = -(-count // per_batch)
     bucket_first = np.cumsum(count) - count
     seg_bucket = np.repeat(np.arange(len(bounds)), num_segments)

@@ -106,6 +106,8 @@ class ShardStream(IterableDataset):
     ids: optional global ids to use (e.g. a train/val split from `bucketing.split_ids`).
     pad_multiple: padded T is a multiple of this.
     max_shapes: most distinct padded T values (see `bucketing.bucket_bounds`).
+    max_sequences: at most this many rows per batch (with max_tokens >= max_sequences * max_len this is
+        a fixed batch size B of similar-length sequences, except the last batch of each bucket).
 
     Only index.json and lengths.npy are read here; shards are memory-mapped lazily in the process that
     iterates, so the object pickles small into DataLoader workers.
@@ -125,10 +127,13 @@ class ShardStream(IterableDataset):
         ids: np.ndarray | None = None,
         pad_multiple: int = 8,
         max_shapes: int = 128,
+        max_sequences: int | None = None,
     ):
         super().__init__()
         if pad_multiple < 1:
             raise UserError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        if max_sequences is not None and max_sequences < 1:
+            raise UserError(f"max_sequences must be >= 1, got {max_sequences}")
         longest = max_tokens // pad_multiple * pad_multiple
         if longest < 2:
             raise UserError(
@@ -154,6 +159,7 @@ class ShardStream(IterableDataset):
         self.max_len = int(max_len)
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
+        self.max_sequences = None if max_sequences is None else int(max_sequences)
         self._check_shard_files()
 
         lengths = self.index.lengths()
@@ -167,7 +173,7 @@ class ShardStream(IterableDataset):
         self.bounds = bucketing.bucket_bounds(self.items.lengths, self.pad_multiple, max_shapes)
         # Batch counts per bucket do not depend on the shuffle, so they are the same in every epoch.
         self._num_global_batches = bucketing.plan_epoch(
-            self.items.lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False
+            self.items.lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False, max_sequences=self.max_sequences
         ).num_batches
         self._num_batches = len(
             bucketing.deal_batches(self._num_global_batches, 0, self.world_size, self.drop_last)
@@ -242,7 +248,9 @@ class ShardStream(IterableDataset):
     def plan(self, epoch: int) -> bucketing.Plan:
         """The global batch list of `epoch` (cached for the last epoch asked)."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            plan = bucketing.plan_epoch(self.items.lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle)
+            plan = bucketing.plan_epoch(
+                self.items.lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle, self.max_sequences
+            )
             self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
 
