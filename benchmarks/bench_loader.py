@@ -3,7 +3,7 @@ batch over as tensors, DataLoader's own way, and per --block-sizes batches per w
 (JSON-loaded tensors, random batches of 16, pad_sequence) vs Hugging Face `datasets` (optional peer),
 against this machine's memcpy bound.
 
-    python benchmarks/bench_loader.py                       # synthetic heavy-tailed corpus in a temp dir
+    python benchmarks/bench_loader.py                       # real instruction data if possible, else synthetic
     python benchmarks/bench_loader.py --data DIR            # an existing dataset
 
 For each pipeline: real (non-pad) tokens/s over whole epochs (median of --repeats), pad fraction, and the
@@ -28,24 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus import KINDS, build_dataset, lognormal_lengths  # benchmarks/corpus.py
 from streamtrain.data import ShardStream, make_loader
 from streamtrain.data import bucketing
-from streamtrain.format import DatasetWriter, read_index
+from streamtrain.format import read_index
 from streamtrain.data.reader import ShardReader
-
-
-def _lognormal_lengths(n: int, seed: int, median: float = 30.0, p99: float = 1000.0) -> np.ndarray:
-    sigma = np.log(p99 / median) / 2.326  # z of the 99th percentile
-    rng = np.random.default_rng(seed)
-    return np.maximum(1, np.round(rng.lognormal(np.log(median), sigma, n))).astype(np.int64)
-
-
-def write_corpus(root: Path, num_sequences: int, dim: int, seed: int) -> None:
-    lengths = _lognormal_lengths(num_sequences, seed)
-    rng = np.random.default_rng(seed + 1)
-    with DatasetWriter(root, dim=dim) as w:
-        for i, t in enumerate(lengths):
-            w.add(rng.standard_normal((int(t), dim), dtype=np.float32), path="synthetic", line=i + 1)
 
 
 def memcpy_tokens_per_s(dim: int, buffer_bytes: int = 256 << 20, repeats: int = 5) -> tuple[float, float]:
@@ -181,7 +168,7 @@ def bench_hf_datasets(jsonl_path: Path, batch_size: int, repeats: int, cache_dir
 
 def plan_seconds(num_sequences: int, max_tokens: int) -> float:
     """Wall time to plan one epoch (windows, bounds, plan) of `num_sequences` synthetic lengths."""
-    lengths = _lognormal_lengths(num_sequences, seed=3)
+    lengths = lognormal_lengths(num_sequences, seed=3)
     t0 = time.perf_counter()
     items = bucketing.window_items(lengths, max_tokens)
     bounds = bucketing.bucket_bounds(items.lengths)
@@ -191,7 +178,9 @@ def plan_seconds(num_sequences: int, max_tokens: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, help="existing dataset folder (default: write a synthetic one)")
+    p.add_argument("--data", type=Path, help="existing dataset folder (default: build one, see --corpus)")
+    p.add_argument("--corpus", choices=KINDS, default="auto", help="real instruction data, synthetic, or auto (real if possible)")
+    p.add_argument("--real-mb", type=float, default=50, help="size of the real corpus as JSON [MB]")
     p.add_argument("--sequences", type=int, default=40_000, help="synthetic corpus size (sequences)")
     p.add_argument("--dim", type=int, default=28, help="synthetic vector width")
     p.add_argument("--max-tokens", type=int, default=8192, help="ShardStream padded-token budget per batch")
@@ -208,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if root is None:
             root = tmp / "corpus"
             t0 = time.perf_counter()
-            write_corpus(root, args.sequences, args.dim, seed=0)
-            print(f"wrote {args.sequences} sequences to {root} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            text = build_dataset(root, args.corpus, num_sequences=args.sequences, real_mb=args.real_mb, dim=args.dim)
+            print(f"corpus: {text} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         index = read_index(root)
         lengths = index.lengths()
         dim = index.dim
