@@ -17,23 +17,28 @@ __all__ = ["Precision", "choose_precision", "cpu_has_native_bf16", "build_precis
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); without it, torch emulates
-    bf16 matmuls through fp32 conversions, which is slower than plain fp32."""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        capability = ""
-    if "AMX" in capability.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU multiplies bf16 in hardware: x86 with AVX512-BF16 or AMX-BF16 in the `flags` line
+    of /proc/cpuinfo (`cpuinfo`: that file's text; default: read it). Without them torch emulates bf16
+    matmuls through fp32 conversions, which is slower than plain fp32.
+
+    torch.backends.cpu.get_cpu_capability() cannot tell: it names the vector ISA ATen dispatches to
+    ("DEFAULT", "AVX2", "AVX512", ...) and never a bf16 extension. ARM's `bf16` feature (BFDOT/BFMMLA)
+    counts as no: whether torch uses it depends on the build (oneDNN with Arm Compute Library), so bf16
+    autocast is not known to beat fp32 there; --precision bf16 forces it."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # x86 only; ARM lists "Features"
+            return bool(set(value.split()) & _NATIVE_BF16_FLAGS)
     return False
 
 

@@ -6,13 +6,16 @@ A checkpoint is one `torch.save` dict::
     model            state_dict with the uncompiled, unwrapped parameter names
     optimizer        AdamW state_dict
     scaler           GradScaler state_dict (empty unless fp16)
-    scheduler        {"kind": "warmup_cosine", "total_steps": N} (the rate is a pure function of step)
+    scheduler        {"kind": "warmup_cosine", "decay_steps": N, "warmup_steps": W, "estimated": bool}: the
+                     rate is a pure function of step, N and W; "estimated" is True once --max-seconds has
+                     fitted N to the measured step time, so a resumed run keeps that horizon
     step, epoch      optimizer steps done; epoch in progress
     loader           the training loader's state_dict (continues exactly where it stopped)
     rng              python, numpy, torch cpu and cuda generator states
     config           RunConfig.to_json()
     stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
-    best_val_mse     best validation MSE so far (or None)
+    best_val_loss    best validation loss (standardized MSE) so far, or None
+    num_params       parameter count of the model
 
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a
 checkpoint never runs code from the file.
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from streamtrain.errors import UserError
+from streamtrain.format import atomic_write_with
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -84,23 +87,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash or a failing
-    save at any point leaves the previous checkpoint intact and loadable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": CHECKPOINT_VERSION, **checkpoint}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """torch.save through `format.atomic_write_with` (temp file, fsync, rename, folder fsync): a crash or a
+    failing save at any point leaves the previous checkpoint intact and loadable."""
+    payload = {"format_version": CHECKPOINT_VERSION, **checkpoint}
+    atomic_write_with(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -31,7 +31,10 @@ __all__ = [
     "resolve_config",
     "write_config",
     "parse_synthetic",
+    "COMPILE_MAX_SHAPES",
 ]
+
+COMPILE_MAX_SHAPES = 16  # default --max-shapes with --compile: each padded length T costs a compilation
 
 
 def _opt(default: Any, help: str, unit: str = "", flag: bool = True) -> Any:
@@ -69,10 +72,20 @@ class DataConfig:
     val_data: str | None = _opt(None, "dataset folder used for validation", "path")
     val_fraction: float = _opt(0.0, "share of sequences held out for validation, split by sequence id", "fraction")
     batch_tokens: int = _opt(4096, "padded tokens per micro-batch (length-bucketed batches)", "tokens")
-    batch: int | None = _opt(None, "sequences per micro-batch instead of --batch-tokens", "sequences")
+    batch: int | None = _opt(
+        None, "at most this many sequences per micro-batch (batches still hold at most --batch-tokens padded tokens)",
+        "sequences",
+    )
     max_len: int | None = _opt(None, "longer sequences are split into windows of at most L vectors, overlapping by one (default: as many as --batch-tokens holds)", "vectors")
     num_workers: int | None = _opt(
         None, "data loader worker processes (0: load in the training process; default 0 on CPU, where the model's threads use every core, 2 on CUDA)", "processes"
+    )
+    max_shapes: int | None = _opt(
+        None,
+        "most distinct padded lengths T of the training batches (default: 16 with --compile, which compiles "
+        "one graph per T, else the loader's 128); fewer shapes round more sequences up further, so more of "
+        "every batch is padding",
+        "shapes",
     )
     verify: bool = _opt(False, "check every shard's sha256 against index.json before training")
 
@@ -87,6 +100,8 @@ class DataConfig:
             raise UserError(f"--batch must be >= 1, got {self.batch}")
         if self.max_len is not None and self.max_len < 2:
             raise UserError(f"--max-len must be >= 2, got {self.max_len}")
+        if self.max_shapes is not None and self.max_shapes < 1:
+            raise UserError(f"--max-shapes must be >= 1, got {self.max_shapes}")
         if self.num_workers is not None and self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
 
@@ -138,7 +153,11 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", "")
     amp: bool = _opt(False, "mixed precision: bf16 where the hardware has it natively, else fp16 (CUDA) or fp32")
     precision: str | None = _opt(None, "force fp32, bf16 or fp16 (overrides --amp)", "")
-    compile: bool = _opt(False, "compile the model with torch.compile (fixed bucket shapes, dynamic=False)")
+    compile: bool = _opt(
+        False,
+        "compile the model with torch.compile: one graph per padded length T (the batch size is dynamic), "
+        "so batches use at most --max-shapes lengths",
+    )
     log_every: int = _opt(10, "write a metrics line every N steps", "steps")
     eval_every: int = _opt(0, "validate every N steps (0: only at the end)", "steps")
     save_every: int = _opt(500, "write checkpoints/last.pt every N steps (0: only at the end)", "steps")
@@ -186,7 +205,7 @@ class RunConfig:
         values = _flatten(obj, source)
         return cls(**{name: _build(klass, values, source) for name, klass in SECTIONS.items()})
 
-    def check_complete(self, resuming: bool) -> None:
+    def check_complete(self) -> None:
         """Cross-section checks that need the merged config."""
         if self.train.out is None:
             raise UserError("--out RUN is required (the run folder)")

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["EvalSums", "accumulate_eval", "eval_summary", "evaluate_checkpoint", "standardization"]
+__all__ = [
+    "EvalSums",
+    "Standardizer",
+    "accumulate_eval",
+    "eval_summary",
+    "evaluate_checkpoint",
+    "model_offsets",
+    "standardization",
+]
 
 
 def standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +38,32 @@ def standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
     std = np.asarray(std, dtype=np.float64).copy()
     std[~(std > 0)] = 1.0
     return mean, std
+
+
+class Standardizer:
+    """The model's view of a batch: (x - mean) / std in float32, zero on padding; one definition for
+    training and evaluation. Keeps the float64 statistics (numpy and on `device`) for un-standardizing."""
+
+    def __init__(self, mean, std, device: torch.device):
+        self.mean, self.std = standardization(mean, std)  # float64 numpy
+        self.mean64 = torch.as_tensor(self.mean, dtype=torch.float64, device=device)
+        self.std64 = torch.as_tensor(self.std, dtype=torch.float64, device=device)
+        self._mean32 = self.mean64.float()
+        self._inv_std32 = (1.0 / self.std64).float()
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) original units, mask: (B, T) -> (B, T, D) standardized."""
+        return ((x - self._mean32) * self._inv_std32).masked_fill(~mask[..., None], 0.0)
+
+
+def model_offsets(batch, device: torch.device, always: bool = False) -> torch.Tensor | None:
+    """The `offsets` argument of the model for `batch`: its window offsets on `device`, or None when every row
+    starts its sequence (the model's cached positions; the check reads the CPU copy, no device sync).
+    `always`: pass them even then (a compiled model keeps one graph instead of two)."""
+    offsets = batch.offsets
+    if not always and not bool(offsets.any()):
+        return None
+    return offsets.to(device, non_blocking=True)
 
 
 class EvalSums:
@@ -67,9 +101,8 @@ def accumulate_eval(
 ) -> EvalSums:
     """Add the squared errors of `model` and both baselines over every batch of `batches` to `sums`.
     `mean`/`std` standardize the model's inputs (training statistics); `data_mean` is the mean predictor."""
-    mean64 = torch.as_tensor(mean, dtype=torch.float64, device=device)
-    std64 = torch.as_tensor(std, dtype=torch.float64, device=device)
-    mean32, inv_std32 = mean64.float(), (1.0 / std64).float()
+    standardize = Standardizer(mean, std, device)
+    mean64, std64 = standardize.mean64, standardize.std64
     data_mean64 = torch.as_tensor(data_mean, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
@@ -77,9 +110,9 @@ def accumulate_eval(
         for batch in batches:
             x = batch.x.to(device, non_blocking=True)  # (B, T, D) original units, zero pads
             mask = batch.mask.to(device, non_blocking=True)  # (B, T)
-            x_std = ((x - mean32) * inv_std32).masked_fill(~mask[..., None], 0.0)
+            x_std = standardize(x, mask)
             with autocast():
-                pred = model(x_std)  # (B, T, D) standardized prediction of x[t+1]
+                pred = model(x_std, model_offsets(batch, device))  # (B, T, D) standardized prediction of x[t+1]
             valid = mask[:, 1:, None]  # (B, T-1, 1): target t+1 is real
             target = x[:, 1:].double()  # (B, T-1, D)
             pred64 = pred[:, :-1].double()
@@ -100,7 +133,7 @@ def accumulate_eval(
             lengths = batch.lengths
             # A sequence longer than the loader's max_len arrives as windows overlapping by one vector: each
             # target is still scored once; count each sequence and vector once too.
-            later_windows = int((batch.offsets > 0).sum()) if hasattr(batch, "offsets") else 0
+            later_windows = int((batch.offsets > 0).sum())
             sums.counts += torch.tensor(
                 [
                     float((lengths - 1).clamp(min=0).sum()),
@@ -181,7 +214,7 @@ def evaluate_checkpoint(
     model.load_state_dict(checkpoint["model"])
     model.to(dev)
     stats = checkpoint["stats"]
-    mean, std = standardization(stats["mean"], stats["std"])
+    mean, std = stats["mean"], stats["std"]
     stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
     sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)

@@ -27,7 +27,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,7 @@ __all__ = [
     "shard_schema",
     "shard_name",
     "atomic_write_bytes",
+    "atomic_write_with",
     "atomic_write_json",
     "file_sha256",
     "read_index",
@@ -94,12 +95,18 @@ def shard_name(number: int) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(f)` on a temp file in `path`'s folder, fsync, rename over `path`, fsync the folder: a crash
+    or an exception at any point leaves the previous file intact (and no temp file behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Training telemetry: throughput (real and padded tokens/s, pad share, data-wait share, MFU), the matmul peak
-MFU is measured against, RUN/metrics.jsonl, the loss plot, and the live view on a terminal.
+MFU is measured against, RUN/metrics.jsonl and its records, the loss plot, the live view on a terminal, and
+the summary printed at the end.
 
 Throughput counts *real* tokens: padding is work the hardware does for nothing, so it is reported apart
 (`padded_tokens_per_s`, `pad_fraction`) instead of inflating the headline rate.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,15 +26,24 @@ __all__ = [
     "plot_loss",
     "format_rate",
     "read_metrics",
+    "peak_memory_mb",
+    "training_record",
+    "summary_text",
 ]
 
 
 class ThroughputMeter:
-    """Accumulates per-step counts between two log points; `snapshot()` returns rates and starts over."""
+    """Accumulates per-step counts between two log points; `snapshot()` returns rates and starts over.
 
-    def __init__(self, peak_flops_per_s: float | None = None):
+    mfu = (model FLOPs done / elapsed s) / peak_flops_per_s. The FLOPs follow PaLM's appendix B with its
+    non-causal attention term (the full l x l score matrix per sequence of length l; see
+    `CausalTransformer.flops_per_token`), the convention nanoGPT's MFU uses. Under data parallelism pass
+    the FLOPs of every rank and the peak of all devices together. `clock`: seconds (tests freeze it)."""
+
+    def __init__(self, peak_flops_per_s: float | None = None, clock=time.perf_counter):
         self.peak_flops_per_s = peak_flops_per_s
-        self._reset(time.perf_counter())
+        self._clock = clock
+        self._reset(clock())
 
     def _reset(self, now: float) -> None:
         self._start = now
@@ -52,9 +63,10 @@ class ThroughputMeter:
         self._start += seconds
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.perf_counter()
+        now = self._clock()
         elapsed_s = max(now - self._start, 1e-9)
         out = {
+            "real_tokens": self.real_tokens,
             "real_tokens_per_s": self.real_tokens / elapsed_s,
             "padded_tokens_per_s": self.padded_tokens / elapsed_s,
             "pad_fraction": 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
@@ -105,6 +117,54 @@ def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
         if key in device_name:
             return peaks.get(precision)
     return None
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process so far: allocated tensors on CUDA, resident set size elsewhere [MiB]."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_record(
+    step: int, epoch: int, loss: float, lr: float, grad_norm: float, rates: dict[str, Any], elapsed_s: float,
+    peak_mem_mb: float,
+) -> dict[str, Any]:
+    """One metrics.jsonl line of a logged training step (`rates`: a ThroughputMeter snapshot)."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        **rates,
+        "elapsed_s": elapsed_s,
+        "peak_mem_mb": peak_mem_mb,
+    }
+
+
+def summary_text(
+    steps: int, last_record: dict | None, last_val: dict | None, records: list[dict], run_dir, plot_line: str
+) -> str:
+    """The lines `fit` prints when it is done: steps and final loss, validation against the baselines, the
+    median real tokens/s of `records` (metrics.jsonl), the run folder and what became of the plot."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"done: {steps} steps | final loss {last_record['loss']:.4g}" if last_record else f"done: {steps} steps"]
+    if last_val is not None:
+        lines.append(
+            f"validation: mse {last_val['mse']:.4g} (original units) | skill vs persistence "
+            f"{fmt(last_val['skill_vs_persistence'])} | vs mean {fmt(last_val['skill_vs_mean'])}"
+        )
+    rates = [r["real_tokens_per_s"] for r in records if r.get("real_tokens_per_s")]
+    if rates:
+        lines.append(f"median real tokens/s: {statistics.median(rates):.0f}")
+    lines.append(f"run folder: {run_dir}")
+    lines.append(plot_line)
+    return "\n".join(lines)
 
 
 class MetricsLog:
@@ -204,7 +264,13 @@ class LiveView:
         self.total_steps = total_steps
         self._progress = None
         if not quiet and self.stream.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("[bold]fit"),

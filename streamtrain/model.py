@@ -11,7 +11,6 @@ Output position t is the prediction of the input vector at t + 1.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -22,15 +21,21 @@ from streamtrain.config import ModelConfig
 __all__ = ["CausalTransformer", "sinusoidal_positions"]
 
 
-def sinusoidal_positions(T: int, C: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(T, C) fixed positional encoding of "Attention Is All You Need" (sin on even, cos on odd channels)."""
-    pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]  # (T, 1)
-    inv_freq = torch.exp(torch.arange(0, C, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / C))
-    angles = pos * inv_freq  # (T, ceil(C/2))
-    pe = torch.zeros(T, C, device=device, dtype=torch.float32)
-    pe[:, 0::2] = torch.sin(angles)
-    pe[:, 1::2] = torch.cos(angles[:, : C // 2])
-    return pe.to(dtype)
+def sinusoidal_positions(T: int, C: int, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
+    """(T, C) fixed positional encoding of "Attention Is All You Need" (sin on even, cos on odd channels)
+    of positions start, ..., start + T - 1."""
+    pos = start + torch.arange(T, device=device, dtype=torch.float32)  # (T,)
+    return _sinusoid(pos, C).to(dtype)
+
+
+def _sinusoid(pos: torch.Tensor, C: int) -> torch.Tensor:
+    """float32 positions (...,) -> (..., C) encodings."""
+    inv_freq = torch.exp(torch.arange(0, C, 2, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / C))
+    angles = pos[..., None] * inv_freq  # (..., ceil(C/2))
+    pe = torch.zeros(*pos.shape, C, device=pos.device, dtype=torch.float32)
+    pe[..., 0::2] = torch.sin(angles)
+    pe[..., 1::2] = torch.cos(angles[..., : C // 2])
+    return pe
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,11 +125,20 @@ class CausalTransformer(nn.Module):
             pe = self._pe_cache[key] = sinusoidal_positions(T, self.cfg.d_model, device, dtype)
         return pe
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) standardized inputs -> (B, T, D) predictions of the next (standardized) vector."""
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) standardized inputs -> (B, T, D) predictions of the next (standardized) vector.
+
+        offsets: (B,) position of each row's first vector within its sequence (a later window of a sequence
+        longer than --max-len starts past 0), so row b's vector t is encoded at position offsets[b] + t;
+        None: every row starts at 0."""
         B, T, D = x.shape
         h = self.embed(self.input_norm(x))  # (B, T, C)
-        h = self.drop(h + self._positions(T, h.device, h.dtype))  # (B, T, C)
+        if offsets is None:
+            pe = self._positions(T, h.device, h.dtype)  # (T, C)
+        else:
+            pos = offsets.to(h.device, torch.float32)[:, None] + torch.arange(T, device=h.device, dtype=torch.float32)
+            pe = _sinusoid(pos, self.cfg.d_model).to(h.dtype)  # (B, T, C)
+        h = self.drop(h + pe)  # (B, T, C)
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln_f(h))  # (B, T, D)
@@ -136,9 +150,16 @@ class CausalTransformer(nn.Module):
         """Training FLOPs (forward + backward) per token at context length `seq_len`.
 
         PaLM (Chowdhery et al. 2022), appendix B: 6 N for the parameter matmuls (2 forward, 4 backward) plus
-        12 L C T for the attention scores and the weighted sum of values (QK^T and AV, forward + backward)."""
+        12 L C T for the attention scores and the weighted sum of values (QK^T and AV, forward + backward).
+        The attention term is PaLM's non-causal convention: it counts the full T x T score matrix although the
+        causal mask makes half of it unnecessary; nanoGPT's estimate_mfu counts the same way, so MFU figures
+        are comparable with it (and overstate the work a causal kernel must do)."""
         c = self.cfg
         return 6.0 * self.num_params() + 12.0 * c.layers * c.d_model * seq_len
 
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
+    def train_flops(self, lengths) -> float:
+        """Training FLOPs of one pass over rows of these lengths (each attends within itself):
+        sum over rows of l * flops_per_token(l) = 6 N sum(l) + 12 L C sum(l^2), same convention."""
+        l64 = torch.as_tensor(lengths).to(torch.int64)
+        c = self.cfg
+        return 6.0 * self.num_params() * int(l64.sum()) + 12.0 * c.layers * c.d_model * int((l64 * l64).sum())

@@ -8,7 +8,7 @@ import torch
 
 from streamtrain.config import OptimConfig
 
-__all__ = ["build_optimizer", "lr_at", "set_lr"]
+__all__ = ["build_optimizer", "default_warmup_steps", "lr_at", "set_lr"]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
@@ -27,14 +27,22 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr, then cosine decay to
-    cfg.lr * cfg.min_lr_fraction at `total_steps`."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def default_warmup_steps(decay_steps: int) -> int:
+    """The warmup when --warmup-steps is not given: a tenth of the schedule, at most 100 steps."""
+    return min(100, decay_steps // 10)
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int, warmup_steps: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr over `warmup_steps`
+    (default cfg.warmup_steps), then cosine decay to cfg.lr * cfg.min_lr_fraction at `total_steps`."""
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    if warmup is None:
+        warmup = default_warmup_steps(total_steps)
+    if warmup > 0 and step < warmup:
+        return cfg.lr * (step + 1) / warmup
     min_lr = cfg.lr * cfg.min_lr_fraction
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 

@@ -1,5 +1,5 @@
-"""The Trainer: standardization, the masked next-step loss, gradient accumulation, mixed precision,
-AdamW + warmup/cosine, clipping, validation, checkpoints with exact resume, signals, DDP, and telemetry.
+"""The Trainer: the masked next-step loss, gradient accumulation, mixed precision, AdamW + warmup/cosine,
+clipping, validation, checkpoints with exact resume, signals, the --max-seconds budget, DDP and telemetry.
 
 Loss of one optimizer step over K micro-batches (and every rank under DDP):
 
@@ -10,45 +10,80 @@ Loss of one optimizer step over K micro-batches (and every rank under DDP):
 i.e. one mean over the step's valid targets, not a mean of per-batch means: a micro-batch of short sequences
 weighs exactly its share of targets. The count is known before any backward because the K micro-batches are
 fetched first.
+
+Process-group set-up and the per-step control exchange live in `distributed`, the entry point of
+`streamtrain fit` (config, run folder, resume) in `fitrun`, record and summary formatting in `metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import math
-import os
-import resource
+import random
 import signal
-import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from streamtrain.amp import build_precision
-from streamtrain.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, unwrap_model
-from streamtrain.config import ModelConfig, RunConfig, read_config_file, resolve_config, write_config
-from streamtrain.dataprep import TrainData, prepare_data
+from streamtrain.checkpoint import (
+    capture_rng_state,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap_model,
+)
+from streamtrain.config import COMPILE_MAX_SHAPES, RunConfig
+from streamtrain.dataprep import TrainData
+from streamtrain.distributed import (
+    DistInfo,
+    StepControl,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_from_main,
+    exchange_step_control,
+)
 from streamtrain.errors import UserError
-from streamtrain.evaluate import EvalSums, accumulate_eval, eval_summary, standardization
-from streamtrain.metrics import LiveView, MetricsLog, ThroughputMeter, gpu_peak_tflops, measure_matmul_peak_tflops, plot_loss
+from streamtrain.evaluate import (
+    EvalSums,
+    Standardizer,
+    accumulate_eval,
+    eval_summary,
+    model_offsets,
+)
+from streamtrain.metrics import (
+    LiveView,
+    MetricsLog,
+    ThroughputMeter,
+    gpu_peak_tflops,
+    measure_matmul_peak_tflops,
+    peak_memory_mb,
+    plot_loss,
+    read_metrics,
+    summary_text,
+    training_record,
+)
 from streamtrain.model import CausalTransformer
-from streamtrain.optim import build_optimizer, lr_at, set_lr
+from streamtrain.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
 
-__all__ = ["Trainer", "DistInfo", "TrainingDiverged", "masked_sq_error", "valid_target_count", "run_fit", "EXIT_DIVERGED"]
+__all__ = [
+    "Trainer",
+    "DistInfo",
+    "TrainingDiverged",
+    "masked_sq_error",
+    "valid_target_count",
+    "plan_shapes",
+    "EXIT_DIVERGED",
+]
 
 EXIT_DIVERGED = 3  # the loss became NaN/Inf; last.pt still holds the last good weights
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
 _HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds sets the schedule's horizon
+_PAD_MULTIPLE = 8  # padded lengths T are multiples of this (tensor-core and vector-width friendly)
 
 
 class TrainingDiverged(UserError):
@@ -69,44 +104,17 @@ def valid_target_count(lengths: torch.Tensor, dim: int) -> int:
     return int((lengths - 1).clamp(min=0).sum()) * dim
 
 
-def _sum_squares(lengths: torch.Tensor) -> int:
-    l64 = lengths.to(torch.int64)
-    return int((l64 * l64).sum())
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def _setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    """Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) join the process group: nccl on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return info, device
+def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
+    """The distinct (B, T) batch shapes of `epoch`'s plan of a ShardStream (all ranks together)."""
+    plan = stream.plan(epoch)
+    sizes = np.diff(plan.starts)
+    return set(zip(sizes.tolist(), np.asarray(plan.padded_len).tolist()))
 
 
 class Trainer:
     """Build with a resolved RunConfig and prepared data; `fit()` runs to the end (or a signal) and returns
-    the exit code."""
+    the exit code. The config is read, never changed: values derived from it (warmup, schedule horizon)
+    are attributes of the Trainer and saved in the checkpoint."""
 
     def __init__(
         self,
@@ -114,7 +122,7 @@ class Trainer:
         data: TrainData,
         run_dir: Path,
         device: torch.device,
-        dist_info: DistInfo = DistInfo(),
+        dist_info: DistInfo | None = None,
         checkpoint: dict | None = None,
         stream=None,
     ):
@@ -122,28 +130,34 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir)
         self.device = device
-        self.dist = dist_info
+        self.dist = dist_info or DistInfo()
         self.stream = stream or sys.stdout
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
 
-        seed = t.seed
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        import random
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        random.seed(t.seed)
 
-        random.seed(seed)
-
-        self.mean, self.std = standardization(data.index.mean, data.index.std)
-        self._mean_t = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
-        self._inv_std_t = torch.as_tensor(1.0 / self.std, dtype=torch.float32, device=device)
+        self.standardize = Standardizer(data.index.mean, data.index.std, device)
+        self.mean, self.std = self.standardize.mean, self.standardize.std
 
         self.model = CausalTransformer(cfg.model).to(device)
         self.num_params = self.model.num_params()
         self.precision = build_precision(device, t.amp, t.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
+
+        max_shapes = cfg.data.max_shapes
+        if max_shapes is None and t.compile:
+            max_shapes = COMPILE_MAX_SHAPES
+        self.train_stream, self.loader = self._make_loader(
+            data.train_root, data.train_ids, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size,
+            max_shapes=max_shapes,
+        )
         self.train_model: torch.nn.Module = self.model
+        self._compile_note: str | None = None
         if t.compile:
+            self._compile_note = self._prepare_compile(max_shapes)
             self.train_model = torch.compile(self.model, dynamic=False)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -152,15 +166,15 @@ class Trainer:
                 self.train_model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-        self.train_stream, self.loader = self._make_loader(data.train_root, data.train_ids, shuffle=True)
+        # Validation runs on rank 0 alone over the whole set (every sequence exactly once), see validate().
+        self._has_val = data.val_root is not None
         self.val_loader = None
-        if data.val_root is not None:
-            _, self.val_loader = self._make_loader(data.val_root, data.val_ids, shuffle=False)
-            self._val_index_mean = (
-                data.index.mean if data.val_root == data.train_root else _read_mean(data.val_root)
-            )
+        if self._has_val:
+            if self.dist.is_main:
+                _, self.val_loader = self._make_loader(data.val_root, data.val_ids, shuffle=False, rank=0, world_size=1)
+            self._val_index_mean = data.index.mean if data.val_root == data.train_root else _index(data.val_root).mean
 
-        self.steps_per_epoch = math.ceil(_num_batches(self.train_stream, self.loader) / t.grad_accum)
+        self.steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
         if self.steps_per_epoch == 0:
             raise UserError(f"{data.train_root}: no batch fits --batch-tokens {cfg.data.batch_tokens}")
         self.max_epochs = t.epochs if t.epochs is not None else (None if t.max_steps is not None else 1)
@@ -172,9 +186,9 @@ class Trainer:
         # With --max-seconds and no --decay-steps the horizon is re-estimated from the measured step time
         # once, after _HORIZON_PROBE_STEPS steps, so that the cosine ends when time runs out.
         self._estimate_horizon = t.max_seconds is not None and cfg.optim.decay_steps is None
+        self._horizon_estimated = False  # set once the horizon comes from the measured step time
         self._default_warmup = cfg.optim.warmup_steps is None
-        if self._default_warmup:  # default: a tenth of the schedule, at most 100 steps
-            cfg.optim.warmup_steps = min(100, self.decay_steps // 10)
+        self.warmup_steps = default_warmup_steps(self.decay_steps) if self._default_warmup else cfg.optim.warmup_steps
 
         self.step = 0
         self.epoch = 0
@@ -184,37 +198,71 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self._stop_signal: int | None = None
+        self._start_s: float | None = None  # when fit() started: --max-seconds counts from here
+        self._fit_start_step = self.step
+        self._control: StepControl | None = None  # the last step's exchange
+        self._view: LiveView | None = None
 
     # ------------------------------------------------------------------------------------------------- setup
 
-    def _make_loader(self, root: Path, ids: np.ndarray | None, shuffle: bool):
+    def _make_loader(self, root: Path, ids: np.ndarray | None, shuffle: bool, rank: int, world_size: int,
+                     max_shapes: int | None = None):
         from streamtrain.data import ShardStream, make_loader
 
         d = self.cfg.data
-        params = inspect.signature(ShardStream).parameters
-        kwargs: dict[str, Any] = dict(
-            max_tokens=d.batch_tokens, seed=self.cfg.train.seed, shuffle=shuffle, rank=self.dist.rank, world_size=self.dist.world_size
-        )
+        kwargs: dict[str, Any] = {
+            "max_tokens": d.batch_tokens, "seed": self.cfg.train.seed, "shuffle": shuffle, "rank": rank,
+            "world_size": world_size, "pad_multiple": _PAD_MULTIPLE,
+        }
         if d.batch is not None:
-            if "max_sequences" in params:
-                kwargs["max_sequences"] = d.batch
-            else:
-                # Without a per-batch sequence cap, B sequences of the median bucket length fill the budget.
-                lengths = np.asarray(_read_lengths(root))
-                median = int(np.median(lengths)) if len(lengths) else 8
-                kwargs["max_tokens"] = d.batch * max(8, -(-median // 8) * 8)
+            kwargs["max_sequences"] = d.batch
         if d.max_len is not None:
-            if "max_len" not in params:
-                raise UserError("--max-len is not supported by this version of streamtrain.data")
+            longest = d.batch_tokens // _PAD_MULTIPLE * _PAD_MULTIPLE
+            if d.max_len > longest:
+                raise UserError(
+                    f"--max-len {d.max_len} does not fit a micro-batch: --batch-tokens {d.batch_tokens} holds rows "
+                    f"of at most {longest} vectors (a multiple of {_PAD_MULTIPLE}); lower --max-len or raise "
+                    "--batch-tokens"
+                )
             kwargs["max_len"] = d.max_len
         if ids is not None:
-            if "ids" not in params:
-                raise UserError("--val-fraction needs ShardStream(ids=...), not supported by this streamtrain.data")
             kwargs["ids"] = ids
+        if max_shapes is not None:
+            kwargs["max_shapes"] = max_shapes
         stream = ShardStream(str(root), **kwargs)
         num_workers = d.num_workers if d.num_workers is not None else (0 if self.device.type == "cpu" else 2)
         loader = make_loader(stream, num_workers=num_workers, pin_memory=self.device.type == "cuda")
         return stream, loader
+
+    def _prepare_compile(self, max_shapes: int) -> str:
+        """Let torch.compile keep a graph for every padded length of the training plan; return the line
+        that says so and what the fewer shapes cost in padding.
+
+        The batch dimension is marked dynamic on every call, so only T selects a graph: one per T, plus one
+        per T whose batches include B == 1 (torch specializes size-1 dimensions)."""
+        import torch._dynamo
+
+        from streamtrain.data import ShardStream, bucketing
+
+        stream = self.train_stream
+        shapes = plan_shapes(stream)
+        lengths = {T for _, T in shapes}
+        needed = 2 * len(lengths) + 8
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(config, name):  # torch renamed cache_size_limit to recompile_limit in 2.6
+                setattr(config, name, max(getattr(config, name), needed))
+        # the padding the loader's default shape count would leave, for comparison
+        default_shapes = ShardStream.__init__.__kwdefaults__["max_shapes"]
+        items = stream.items.lengths
+        default_bounds = bucketing.bucket_bounds(items, stream.pad_multiple, default_shapes)
+        default_plan = bucketing.plan_epoch(items, default_bounds, stream.max_tokens, 0, 0, shuffle=False)
+        return (
+            f"--compile: {len(shapes)} batch shapes (B, T) per epoch over {len(lengths)} padded lengths T "
+            f"(--max-shapes {max_shapes}); B is dynamic, so about one compilation per T. Padding: "
+            f"{100 * bucketing.pad_fraction(items, stream.plan(0)):.1f}% of batch tokens "
+            f"({100 * bucketing.pad_fraction(items, default_plan):.1f}% with {len(default_bounds)} lengths uncompiled)"
+        )
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -229,6 +277,9 @@ class Trainer:
         if scheduler.get("estimated") and self.cfg.optim.decay_steps is None:
             self.decay_steps = int(scheduler["decay_steps"])  # keep the horizon the time limit gave
             self._estimate_horizon = False
+            self._horizon_estimated = True
+        if self._default_warmup and scheduler.get("warmup_steps") is not None:
+            self.warmup_steps = int(scheduler["warmup_steps"])  # the run's warmup, whatever its new length
         self._resumed = True
         restore_rng_state(ckpt["rng"])
 
@@ -240,7 +291,8 @@ class Trainer:
             "scheduler": {
                 "kind": "warmup_cosine",
                 "decay_steps": self.decay_steps,
-                "estimated": self.cfg.optim.decay_steps is None and self.cfg.train.max_seconds is not None,
+                "warmup_steps": self.warmup_steps,
+                "estimated": self._horizon_estimated,
             },
             "step": self.step,
             "epoch": self.epoch,
@@ -311,45 +363,51 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- step
 
-    def _standardize(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return ((x - self._mean_t) * self._inv_std_t).masked_fill(~mask[..., None], 0.0)
+    def _exchange_control(self, group: list) -> StepControl:
+        """The step's global target count and stop flags: one all-reduce under DDP, none alone."""
+        count = sum(valid_target_count(b.lengths, self.cfg.model.dim) for b in group)
+        return exchange_step_control(self.dist, self.device, count, self._stop_signal is not None, self._time_is_up_locally())
 
     def _train_step(self, group: list) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the micro-batches of `group`; returns (loss, grad_norm) as tensors
-        (no host sync here)."""
-        loss = self.accumulate_gradients(group)
+        (no host sync here beyond the control exchange under DDP)."""
+        self._control = self._exchange_control(group)
+        loss = self.accumulate_gradients(group, self._control.target_count)
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip if self.cfg.optim.clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.decay_steps))
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.decay_steps, self.warmup_steps))
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
-    def accumulate_gradients(self, group: list) -> torch.Tensor:
-        """Forward + backward of every micro-batch of `group`, normalized by the step's global count of
-        valid targets; returns the step loss (detached)."""
-        D = self.cfg.model.dim
-        count = sum(valid_target_count(b.lengths, D) for b in group)
-        if self.dist.enabled:
-            t = torch.tensor([count], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            count = int(t.item())
+    def accumulate_gradients(self, group: list, target_count: int | None = None) -> torch.Tensor:
+        """Forward + backward of every micro-batch of `group`, normalized by the step's count of valid
+        targets over all ranks (`target_count`; default: exchanged here). Returns this rank's share of the
+        step loss (detached): the shares of all ranks sum to the step loss."""
+        if target_count is None:
+            target_count = self._exchange_control(group).target_count
         # DDP averages gradients over ranks; multiplying by world_size turns that average into the global sum.
-        scale = self.dist.world_size / max(count, 1)
+        scale = self.dist.world_size / max(target_count, 1)
+        compiled = self.cfg.train.compile
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
             x = batch.x.to(self.device, non_blocking=True)
             mask = batch.mask.to(self.device, non_blocking=True)
-            x_std = self._standardize(x, mask)
+            x_std = self.standardize(x, mask)
+            # compiled: always pass offsets, one graph per T instead of two
+            offsets = model_offsets(batch, self.device, always=compiled)
+            if compiled:
+                torch._dynamo.maybe_mark_dynamic(x_std, 0)  # B: only T selects a graph
+                torch._dynamo.maybe_mark_dynamic(offsets, 0)
             sync_ctx = (
                 self.train_model.no_sync() if self.dist.enabled and i < len(group) - 1 else contextlib.nullcontext()
             )
             with sync_ctx:
                 with self.precision.autocast():
-                    pred = self.train_model(x_std)
+                    pred = self.train_model(x_std, offsets)
                 loss = masked_sq_error(pred, x_std, mask) * scale
                 self.precision.scaler.scale(loss).backward()
             loss_total += loss.detach()
@@ -358,29 +416,34 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- validation
 
     def validate(self) -> dict:
-        assert self.val_loader is not None
+        """The validation summary, on every rank. Rank 0 evaluates the plain model (no DDP, no compile) over
+        the whole validation set, every sequence exactly once; the other ranks wait for its sums, so all
+        ranks stay in lockstep and take the same best-checkpoint decision."""
+        assert self._has_val
         sums = EvalSums(self.cfg.model.dim, self.device)
-        accumulate_eval(
-            self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
-            self._val_index_mean, self.device, self.precision.autocast,
-        )
+        if self.val_loader is not None:
+            accumulate_eval(
+                self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
+                self._val_index_mean, self.device, self.precision.autocast,
+            )
         if self.dist.enabled:
-            packed = sums.as_tensor()
-            dist.all_reduce(packed)
-            sums.load_tensor(packed)
+            sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
         return eval_summary(sums)
 
     # ------------------------------------------------------------------------------------------------- loop
 
     def _peak_flops_per_s(self) -> float | None:
+        """Peak of the whole job (every rank's device), which MFU divides the job's FLOPs by."""
         t = self.cfg.train
         if t.peak_tflops is not None:
-            return t.peak_tflops * 1e12
-        if self.device.type == "cpu":
+            per_device = t.peak_tflops * 1e12
+        elif self.device.type == "cpu":
             # the peak of the precision trained in (fp16 autocast on CPU is emulated: quote it against fp32)
             dtype = self.precision.dtype if self.precision.name == "bf16" else torch.float32
-            return measure_matmul_peak_tflops(dtype=dtype) * 1e12
-        return (gpu_peak_tflops(torch.cuda.get_device_name(self.device), self.precision.name) or 0) * 1e12 or None
+            per_device = measure_matmul_peak_tflops(dtype=dtype) * 1e12
+        else:
+            per_device = (gpu_peak_tflops(torch.cuda.get_device_name(self.device), self.precision.name) or 0) * 1e12
+        return per_device * self.dist.world_size if per_device else None
 
     def _install_signals(self):
         if not _in_main_thread():  # signal handlers can only be installed from the main thread
@@ -391,11 +454,15 @@ class Trainer:
             if self._stop_signal is not None:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            self._view.print(f"{signal.Signals(signum).name}: finishing the current step, then saving")
+            self._print(f"{signal.Signals(signum).name}: finishing the current step, then saving")
 
         for sig in _SIGNAL_EXIT:
             previous[sig] = signal.signal(sig, handler)
         return previous
+
+    def _print(self, line: str) -> None:
+        if self._view is not None:
+            self._view.print(line)
 
     def _check_finite(self, value: float, what: str) -> None:
         if not math.isfinite(value):
@@ -409,20 +476,20 @@ class Trainer:
     def fit(self) -> int:
         t = self.cfg.train
         is_main = self.dist.is_main
-        self._view = LiveView(self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream)
-        view = self._view
+        self._view = view = LiveView(self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream)
         view.print(
             f"model: {self.num_params / 1e6:.2f}M parameters | device {self.device} | precision {self.precision.name}: "
             f"{self.precision.reason}"
         )
+        if self._compile_note:
+            view.print(self._compile_note)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if self._resumed else None, enabled=is_main)
         meter = ThroughputMeter(self._peak_flops_per_s())
         previous_handlers = self._install_signals()
-        C, L, N = self.cfg.model.d_model, self.cfg.model.layers, self.num_params
-        start_s = time.perf_counter()
+        self._start_s = start_s = time.perf_counter()
+        self._fit_start_step = self.step
         loss_acc = torch.zeros((), device=self.device)
         steps_acc = 0
-        grad_norm = torch.zeros(())
         last_record: dict | None = None
         last_val: dict | None = None
         saved_step = self.step
@@ -434,23 +501,21 @@ class Trainer:
                 self.epoch = epoch
                 loss, grad_norm = self._train_step(group)
                 self.step += 1
-                real = sum(int(b.lengths.sum()) for b in group)
+                lengths = torch.cat([b.lengths for b in group])
                 padded = sum(b.mask.numel() for b in group)
-                # PaLM appendix B per sequence of length l: l * (6N + 12 L C l).
-                flops = 6.0 * N * real + 12.0 * L * C * sum(_sum_squares(b.lengths) for b in group)
-                meter.add(real, padded, wait_s, flops)
+                meter.add(int(lengths.sum()), padded, wait_s, self.model.train_flops(lengths))
                 loss_acc += loss
                 steps_acc += 1
                 view.advance(self.step)
-                if self._estimate_horizon and self.step == _HORIZON_PROBE_STEPS:
+                if self._estimate_horizon and self.step - self._fit_start_step == _HORIZON_PROBE_STEPS:
                     self._set_horizon_from_time(start_s)
-                last_step = self.step >= self.total_steps or self._time_is_up(start_s)
+                last_step = self.step >= self.total_steps or self._time_is_up()
                 record = None
                 if self.step % t.log_every == 0 or last_step:
                     record = self._log_record(loss_acc, steps_acc, grad_norm, meter, start_s)
                     loss_acc.zero_()
                     steps_acc = 0
-                if self.val_loader is not None and ((t.eval_every and self.step % t.eval_every == 0) or last_step):
+                if self._has_val and ((t.eval_every and self.step % t.eval_every == 0) or last_step):
                     val_start_s = time.perf_counter()
                     last_val = self.validate()
                     meter.exclude(time.perf_counter() - val_start_s)
@@ -476,14 +541,13 @@ class Trainer:
                     meter.exclude(time.perf_counter() - save_start_s)
                     saved_step = self.step
                 if stop:
-                    code = _SIGNAL_EXIT.get(self._stop_signal, 130)
                     view.close()
                     print(
                         f"streamtrain fit: stopped by {signal.Signals(self._stop_signal).name} at step {self.step}; "
                         f"saved {self.ckpt_dir / 'last.pt'} (continue with --resume)",
                         file=sys.stderr,
                     )
-                    exit_code = code
+                    exit_code = _SIGNAL_EXIT.get(self._stop_signal, 130)
                     break
                 if last_step:
                     break
@@ -500,97 +564,62 @@ class Trainer:
         return exit_code
 
     def _set_horizon_from_time(self, start_s: float) -> None:
-        elapsed_s = time.perf_counter() - start_s
-        if self.dist.enabled:  # one horizon for all ranks: the slowest rank's estimate
-            t = torch.tensor([elapsed_s], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            elapsed_s = float(t)
-        per_step_s = elapsed_s / max(self.step, 1)
+        # one horizon for all ranks: the slowest rank's estimate
+        elapsed_s = all_reduce_max(self.dist, self.device, time.perf_counter() - start_s)
+        steps_timed = self.step - self._fit_start_step
+        per_step_s = elapsed_s / max(steps_timed, 1)
         fits = self.step + int((self.cfg.train.max_seconds - elapsed_s) / per_step_s)
         self.decay_steps = max(self.step + 1, min(self.total_steps, fits))
+        self._horizon_estimated = True
         if self._default_warmup:
-            self.cfg.optim.warmup_steps = min(self.cfg.optim.warmup_steps, max(self.step, self.decay_steps // 10))
-        self._view.print(
+            self.warmup_steps = min(self.warmup_steps, max(self.step, self.decay_steps // 10))
+        self._print(
             f"--max-seconds {self.cfg.train.max_seconds:g}: {per_step_s * 1e3:.0f} ms/step, "
             f"learning-rate schedule set to end at step {self.decay_steps}"
         )
 
-    def _time_is_up(self, start_s: float) -> bool:
+    def _time_is_up_locally(self) -> bool:
         limit_s = self.cfg.train.max_seconds
-        if limit_s is None:
-            return False
-        up = time.perf_counter() - start_s >= limit_s
-        if self.dist.enabled:  # every rank must stop at the same step, whatever its own clock says
-            t = torch.tensor([1.0 if up else 0.0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            up = t.item() > 0
+        return limit_s is not None and self._start_s is not None and time.perf_counter() - self._start_s >= limit_s
+
+    def _time_is_up(self) -> bool:
+        """Whether this step is the last for --max-seconds. Alone: this process's clock now. Under DDP: any
+        rank's clock when the step started, as exchanged with its target count, so that every rank stops at
+        the same step without another collective (acting on the limit one step later)."""
+        up = self._control.time_up if self.dist.enabled else self._time_is_up_locally()
         if up and self.step < self.total_steps:
-            self._view.print(f"time limit reached: --max-seconds {limit_s:g} at step {self.step} of {self.total_steps}")
+            self._print(f"time limit reached: --max-seconds {self.cfg.train.max_seconds:g} at step {self.step} of {self.total_steps}")
         return up
 
     def _stop_requested(self) -> bool:
-        flag = self._stop_signal is not None
-        if self.dist.enabled:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if t.item() > 0 and self._stop_signal is None:
-                self._stop_signal = signal.SIGTERM
-            return t.item() > 0
-        return flag
+        """A signal arrived: alone, up to now; under DDP, on any rank by the start of this step (exchanged
+        with its target count, as for the time limit)."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        if self._control.stop and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return self._control.stop
 
     def _log_record(self, loss_acc, steps_acc, grad_norm, meter, start_s) -> dict:
-        loss_t = loss_acc.clone()
-        if self.dist.enabled:
-            dist.all_reduce(loss_t)
-            loss_t /= self.dist.world_size
-        loss = float(loss_t) / max(steps_acc, 1)
+        # One all-reduce for the job's loss (every rank's share of each step) and its token and FLOP counts.
+        packed = torch.cat([
+            loss_acc.reshape(1).to(torch.float64),
+            torch.tensor([meter.real_tokens, meter.padded_tokens, meter.flops], dtype=torch.float64, device=self.device),
+        ])
+        loss_sum, real_tokens, padded_tokens, flops = all_reduce_sum(self.dist, packed).tolist()
+        loss = loss_sum / max(steps_acc, 1)
         self._check_finite(loss, "training loss")
-        if self.dist.enabled:  # throughput of the whole job, not of rank 0
-            counts = torch.tensor([meter.real_tokens, meter.padded_tokens, meter.flops], dtype=torch.float64, device=self.device)
-            dist.all_reduce(counts)
-            meter.real_tokens, meter.padded_tokens, meter.flops = int(counts[0]), int(counts[1]), float(counts[2])
-        rates = meter.snapshot()
-        if self.device.type == "cuda":
-            peak_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm),
-            **rates,
-            "elapsed_s": time.perf_counter() - start_s,
-            "peak_mem_mb": peak_mem_mb,
-        }
+        meter.real_tokens, meter.padded_tokens, meter.flops = int(real_tokens), int(padded_tokens), flops
+        return training_record(
+            self.step, self.epoch, loss, self.optimizer.param_groups[0]["lr"], float(grad_norm), meter.snapshot(),
+            time.perf_counter() - start_s, peak_memory_mb(self.device),
+        )
 
     def _summary(self, last_record: dict | None, last_val: dict | None) -> None:
-        records = []
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            from streamtrain.metrics import read_metrics
-
-            records = read_metrics(path)
-        rates = [r["real_tokens_per_s"] for r in records if r.get("real_tokens_per_s")]
+        records = read_metrics(path) if path.exists() else []
         plot_line = plot_loss(self.run_dir)
-        lines = [
-            f"done: {self.step} steps | final loss {last_record['loss']:.4g}" if last_record else f"done: {self.step} steps",
-        ]
-        if last_val is not None:
-            lines.append(
-                f"validation: mse {last_val['mse']:.4g} (original units) | skill vs persistence "
-                f"{_fmt(last_val['skill_vs_persistence'])} | vs mean {_fmt(last_val['skill_vs_mean'])}"
-            )
-        if rates:
-            lines.append(f"median real tokens/s: {statistics.median(rates):.0f}")
-        lines.append(f"run folder: {self.run_dir}")
-        lines.append(plot_line)
-        print("\n".join(lines), file=self.stream, flush=True)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+        print(summary_text(self.step, last_record, last_val, records, self.run_dir, plot_line), file=self.stream, flush=True)
 
 
 def _in_main_thread() -> bool:
@@ -599,74 +628,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _num_batches(stream, loader) -> int:
-    for get in (lambda: len(loader), lambda: stream.num_batches()):
-        try:
-            return int(get())
-        except (TypeError, AttributeError, NotImplementedError):
-            continue
-    raise UserError("streamtrain.data does not report its number of batches (len(loader)); pass --max-steps")
-
-
-def _read_lengths(root: Path) -> np.ndarray:
-    from streamtrain.format import load_lengths, read_index
-
-    return load_lengths(read_index(root))
-
-
-def _read_mean(root: Path) -> np.ndarray:
+def _index(root: Path):
     from streamtrain.format import read_index
 
-    return read_index(root).mean
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Entry point used by `streamtrain fit`
-
-
-def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool = False, stream=None) -> int:
-    """parse config -> prepare data -> build -> train -> close. Returns the exit code."""
-    file_values = read_config_file(config_file) if config_file else {}
-    out = flags.get("out", file_values.get("out"))
-    if out is None:
-        raise UserError("--out RUN is required (the run folder)")
-    run_dir = Path(out)
-    last = run_dir / "checkpoints" / "last.pt"
-    checkpoint = None
-    if resume:
-        if not last.is_file():
-            raise UserError(f"--resume: {last} does not exist (nothing to resume; drop --resume to start a new run)")
-        checkpoint = load_checkpoint(last)
-    elif last.exists():
-        raise UserError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
-    cfg = resolve_config(flags, file_values, base=checkpoint["config"] if checkpoint else None)
-    cfg.check_complete(resuming=resume)
-
-    dist_info, device = _setup_distributed(cfg.train.device)
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            data = prepare_data(cfg, run_dir, is_main=True)
-        if dist_info.enabled:
-            dist.barrier()
-            if not dist_info.is_main:
-                data = prepare_data(cfg, run_dir, is_main=False)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
-        if checkpoint is not None:
-            saved = ModelConfig(**checkpoint["config"]["model"])
-            if saved != cfg.model:
-                diffs = [
-                    f"--{f.name.replace('_', '-')} {getattr(cfg.model, f.name)} (checkpoint: {getattr(saved, f.name)})"
-                    for f in dataclasses.fields(ModelConfig)
-                    if getattr(saved, f.name) != getattr(cfg.model, f.name)
-                ]
-                raise UserError(f"--resume: model config differs from the checkpoint's: {', '.join(diffs)}")
-        if dist_info.is_main:
-            write_config(run_dir / "config.json", cfg)
-        trainer = Trainer(cfg, data, run_dir, device, dist_info, checkpoint, stream=stream)
-        return trainer.fit()
-    finally:
-        if dist_info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    return read_index(root)

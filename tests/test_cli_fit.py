@@ -168,6 +168,12 @@ def test_checksum_mismatch_with_verify_is_one_line_naming_it(tmp_path, capsys):
     _assert_one_line_error(*_fit(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--verify"), shard.name, "checksum")
 
 
+def test_max_len_over_the_batch_budget_is_one_line_naming_the_flags(tmp_path, capsys):
+    code, captured = _fit(capsys, "--synthetic", "9,8", "--out", str(tmp_path / "r"), "--max-len", "9000")
+    _assert_one_line_error(code, captured, "--max-len 9000", "--batch-tokens 4096")
+    assert "max_len=" not in captured.err and "pad_multiple" not in captured.err
+
+
 def test_an_existing_run_needs_resume(tmp_path, capsys):
     run = tmp_path / "r"
     assert _fit(capsys, "--synthetic", "9,8", "--out", str(run), "--max-steps", "1")[0] == 0

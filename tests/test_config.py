@@ -68,6 +68,7 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
         ({"device": "tpu"}, "--device"),
         ({"precision": "fp8"}, "--precision"),
         ({"grad_accum": 0}, "--grad-accum"),
+        ({"max_shapes": 0}, "--max-shapes must be >= 1"),
         ({"synthetic": "10"}, "--synthetic expects N,L"),
     ],
 )
@@ -84,6 +85,6 @@ def test_parse_synthetic():
 
 def test_cross_section_checks():
     with pytest.raises(UserError, match="no training data"):
-        resolve_config({"out": "r"}).check_complete(resuming=False)
+        resolve_config({"out": "r"}).check_complete()
     with pytest.raises(UserError, match="not both"):
-        resolve_config({"out": "r", "data": "d", "synthetic": "4,4"}).check_complete(resuming=False)
+        resolve_config({"out": "r", "data": "d", "synthetic": "4,4"}).check_complete()

@@ -2,7 +2,14 @@
 
 import json
 
-from streamtrain.metrics import MetricsLog, ThroughputMeter, gpu_peak_tflops, plot_loss, read_metrics
+from streamtrain.metrics import (
+    MetricsLog,
+    ThroughputMeter,
+    gpu_peak_tflops,
+    plot_loss,
+    read_metrics,
+    summary_text,
+)
 
 
 def test_throughput_counts_real_and_padded_tokens_apart():
@@ -12,9 +19,34 @@ def test_throughput_counts_real_and_padded_tokens_apart():
     assert abs(snap["pad_fraction"] - 0.25) < 1e-12
     assert abs(snap["real_tokens_per_s"] / snap["padded_tokens_per_s"] - 0.75) < 1e-12
     assert snap["mfu"] is None
-    meter2 = ThroughputMeter(peak_flops_per_s=1e30)
-    meter2.add(10, 10, 0.0, 1e6)
-    assert 0 <= meter2.snapshot()["mfu"] < 1
+
+
+def test_mfu_and_rates_against_a_frozen_clock():
+    now = [100.0]
+    meter = ThroughputMeter(peak_flops_per_s=4e6, clock=lambda: now[0])
+    meter.add(real_tokens=300, padded_tokens=400, data_wait_s=0.5, flops=2e6)
+    meter.add(real_tokens=100, padded_tokens=100, data_wait_s=0.0, flops=4e6)
+    meter.exclude(1.0)  # e.g. a validation pass
+    now[0] = 103.0  # 3 s, 1 of them excluded
+    snap = meter.snapshot()
+    assert snap["mfu"] == 6e6 / 2.0 / 4e6
+    assert snap["real_tokens"] == 400 and snap["real_tokens_per_s"] == 200.0
+    assert snap["padded_tokens_per_s"] == 250.0 and snap["data_wait_fraction"] == 0.25
+    now[0] = 104.0  # the next interval starts from zero
+    meter.add(10, 10, 0.0, 4e6)
+    assert meter.snapshot()["mfu"] == 1.0
+
+
+def test_summary_text_reports_the_final_loss_validation_and_median_rate(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s, "real_tokens_per_s": r} for s, r in ((1, 10.0), (2, 30.0), (3, 20.0))]
+    val = {"mse": 0.25, "skill_vs_persistence": 0.5, "skill_vs_mean": None}
+    text = summary_text(3, records[-1], val, records, tmp_path, "loss plot: x.png")
+    lines = text.splitlines()
+    assert lines[0] == "done: 3 steps | final loss 0.3333"
+    assert "mse 0.25" in lines[1] and "persistence 0.500" in lines[1] and "vs mean n/a" in lines[1]
+    assert lines[2] == "median real tokens/s: 20"
+    assert lines[-2:] == [f"run folder: {tmp_path}", "loss plot: x.png"]
+    assert summary_text(0, None, None, [], tmp_path, "p").splitlines()[0] == "done: 0 steps"
 
 
 def test_metrics_log_appends_and_truncates_on_resume(tmp_path):

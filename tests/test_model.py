@@ -74,6 +74,39 @@ def test_flops_per_token_follows_palm():
     assert model.flops_per_token(100) == 6 * n + 12 * 2 * 32 * 100
 
 
+def test_train_flops_sums_flops_per_token_over_each_rows_length():
+    model = _model()
+    lengths = torch.tensor([1, 7, 30, 113])
+    assert model.train_flops(lengths) == sum(int(l) * model.flops_per_token(int(l)) for l in lengths)
+    assert model.train_flops(torch.zeros(0, dtype=torch.int64)) == 0
+
+
+def _encoding_added(model, x, offsets=None):
+    """The input of the first block's dropout: embedding + positional encoding, (B, T, C)."""
+    seen = {}
+    handle = model.drop.register_forward_hook(lambda module, args, out: seen.setdefault("h", args[0]))
+    try:
+        model(x, offsets) if offsets is not None else model(x)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def test_offsets_shift_each_rows_positions(deterministic_rng):
+    model = _model()
+    x = torch.randn(3, 12, 5)
+    offsets = torch.tensor([0, 39, 117])
+    h = _encoding_added(model, x, offsets)
+    embedded = model.embed(x)
+    for b, k in enumerate(offsets.tolist()):
+        expected = embedded[b] + sinusoidal_positions(k + 12, 32)[k:]
+        torch.testing.assert_close(h[b], expected, rtol=1e-5, atol=1e-5)
+    # all-zero offsets and no offsets are the same model
+    torch.testing.assert_close(model(x, torch.zeros(3, dtype=torch.int64)), model(x), rtol=0, atol=1e-6)
+    assert not torch.allclose(model(x, offsets)[1:], model(x)[1:])
+    assert torch.equal(sinusoidal_positions(5, 32, start=39), sinusoidal_positions(44, 32)[39:])
+
+
 def test_state_dict_names_have_no_wrapper_prefix():
     names = list(_model().state_dict())
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in names)

@@ -12,7 +12,8 @@ from streamtrain.amp import choose_precision
 from streamtrain.checkpoint import load_checkpoint
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
-from streamtrain.train import Trainer, run_fit, valid_target_count
+from streamtrain.fitrun import run_fit
+from streamtrain.train import Trainer, valid_target_count
 
 TINY = {"d_model": 32, "layers": 2, "heads": 4, "ff": 64, "num_workers": 0, "quiet": True, "log_every": 1}
 
@@ -173,24 +174,129 @@ def test_choose_precision(args, expected):
     assert reason and "\n" not in reason
 
 
-def test_fp16_enables_the_grad_scaler_and_fp32_does_not(tmp_path, dataset):
+def test_fp16_enables_the_grad_scaler_and_fp32_does_not():
     from streamtrain.amp import build_precision
 
-    assert not build_precision(torch.device("cpu"), amp=False, forced=None).scaler.is_enabled()
-    p16 = build_precision(torch.device("cpu"), amp=False, forced="bf16")
-    assert p16.dtype == torch.bfloat16 and not p16.scaler.is_enabled()
+    cpu = torch.device("cpu")
+    p16 = build_precision(cpu, amp=False, forced="fp16")
+    assert p16.dtype == torch.float16 and p16.scaler.is_enabled()
+    p32 = build_precision(cpu, amp=False, forced=None)
+    assert p32.dtype == torch.float32 and not p32.scaler.is_enabled()
+    pbf16 = build_precision(cpu, amp=False, forced="bf16")
+    assert pbf16.dtype == torch.bfloat16 and not pbf16.scaler.is_enabled()
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+        ("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
+        ("processor\t: 0\nflags\t\t:\n", False),
+        ("", False),
+        # aarch64: BFDOT/BFMMLA exist, but whether torch's CPU kernels use them depends on the build
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n", False),
+    ],
+)
+def test_cpu_has_native_bf16_reads_the_cpu_flags(cpuinfo, expected):
+    from streamtrain.amp import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(cpuinfo) is expected
+
+
+def test_trainer_keeps_the_warmup_it_derives_out_of_its_config(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset, max_steps=40)
+    assert trainer.cfg.optim.warmup_steps is None and trainer.warmup_steps == 4
+    assert trainer._checkpoint()["scheduler"]["warmup_steps"] == 4
+    assert trainer._checkpoint()["config"]["optim"]["warmup_steps"] is None
+
+
+def _long_sequences(n, seed=1, dim=3, max_len=600):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(int(T), dim)).astype(np.float32) for T in rng.integers(2, max_len, size=n)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing torch._dynamo warns about torch.jit
+def test_compile_keeps_the_training_plan_to_max_shapes_lengths(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    from streamtrain.config import COMPILE_MAX_SHAPES
+    from streamtrain.train import plan_shapes
+
+    for name in ("recompile_limit", "accumulated_recompile_limit"):  # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    root = tmp_path / "long"
+    write_dataset(root, _long_sequences(117))
+    lengths = lambda trainer, epoch: {T for _, T in plan_shapes(trainer.train_stream, epoch)}  # noqa: E731
+
+    eager = _trainer(tmp_path, root, batch_tokens=1024)
+    assert len(lengths(eager, 0)) > COMPILE_MAX_SHAPES  # the default would recompile past torch's limit
+    compiled = _trainer(tmp_path, root, batch_tokens=1024, compile=True)
+    for epoch in (0, 1):
+        assert len(lengths(compiled, epoch)) <= COMPILE_MAX_SHAPES
+    assert torch._dynamo.config.recompile_limit >= 2 * len(lengths(compiled, 0))
+    assert f"{len(lengths(compiled, 0))} padded lengths T" in compiled._compile_note
+    assert len(lengths(_trainer(tmp_path, root, batch_tokens=1024, compile=True, max_shapes=4), 0)) <= 4
+
+
+def test_windows_of_long_sequences_reach_the_model_with_their_offsets(tmp_path, monkeypatch):
+    root = tmp_path / "long"
+    write_dataset(root, _long_sequences(13, max_len=100))
+    trainer = _trainer(tmp_path, root, batch_tokens=64, max_len=40, val_fraction=0.3)
+    seen = []
+    forward = trainer.model.forward
+
+    def spy(x, offsets=None):
+        seen.append(None if offsets is None else offsets.clone())
+        return forward(x, offsets)
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    batches = list(trainer.loader)
+    for batch in batches:
+        trainer.accumulate_gradients([batch])
+    assert any(bool(b.offsets.any()) for b in batches)
+    for batch, offsets in zip(batches, seen):
+        if batch.offsets.any():
+            assert torch.equal(offsets, batch.offsets)
+        else:
+            assert offsets is None  # the model's cached positions
+    seen.clear()
+    trainer.validate()
+    assert any(o is not None and bool(o.any()) for o in seen)
+
+
+def test_batch_caps_the_sequences_per_micro_batch(tmp_path, dataset):
+    sizes = [len(b) for b in _trainer(tmp_path, dataset, batch=3).loader]
+    assert max(sizes) == 3 and sum(sizes) == 37
+
+
+def test_max_len_longer_than_a_batch_names_the_flags(tmp_path, dataset):
+    from streamtrain.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _trainer(tmp_path, dataset, batch_tokens=4096, max_len=9000)
+    message = str(e.value)
+    assert "--max-len 9000" in message and "--batch-tokens 4096" in message and "4096 vectors" in message
+    assert "max_len=" not in message and "pad_multiple" not in message
 
 
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, dataset):
     """Rank r of 2 takes the epoch's batches r, r+2, ...; one process with --grad-accum 2 takes them in pairs:
-    the same batches per step and a globally normalized loss, so the weights agree."""
+    the same batches per step and a globally normalized loss, so the weights, the logged loss and token
+    counts agree; validation (rank 0, whole set) gives the same MSE; MFU divides by both devices' peak."""
     import os
     import subprocess
     import sys
 
     args = ["--data", str(dataset), "--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64",
-            "--num-workers", "0", "--batch-tokens", "96", "--max-steps", "3", "--quiet", "--device", "cpu"]
+            "--num-workers", "0", "--batch-tokens", "96", "--max-steps", "3", "--quiet", "--device", "cpu",
+            "--log-every", "1", "--val-fraction", "0.15", "--eval-every", "2", "--peak-tflops", "1"]
+    # an odd number of validation batches: two ranks splitting them would have to repeat one
+    from streamtrain.data import ShardStream
+    from streamtrain.data.bucketing import split_ids
+
+    assert ShardStream(str(dataset), max_tokens=96, shuffle=False, ids=split_ids(37, 0.15)[1]).num_batches() % 2 == 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -199,11 +305,26 @@ def test_ddp_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path
     )
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert run_fit({**TINY, "data": str(dataset), "batch_tokens": 96, "max_steps": 3, "grad_accum": 2,
-                    "out": str(tmp_path / "one")}) == 0
+                    "val_fraction": 0.15, "eval_every": 2, "peak_tflops": 1.0, "out": str(tmp_path / "one")}) == 0
     a = load_checkpoint(tmp_path / "ddp/checkpoints/last.pt")["model"]
     b = load_checkpoint(tmp_path / "one/checkpoints/last.pt")["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+    ddp_records = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    one_records = [json.loads(line) for line in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ddp_records] == [r["step"] for r in one_records] == [1, 2, 3]
+    for r_ddp, r_one in zip(ddp_records, one_records):
+        assert r_ddp["loss"] == pytest.approx(r_one["loss"], rel=1e-4)
+        assert r_ddp["real_tokens"] == r_one["real_tokens"] > 0  # both ranks' tokens
+        # mfu / real_tokens_per_s = flops / (real_tokens * peak): the interval's clock cancels out
+        ratio = lambda r: r["mfu"] / r["real_tokens_per_s"]  # noqa: E731
+        assert ratio(r_ddp) == pytest.approx(ratio(r_one) / 2, rel=1e-9)
+    val_steps = [r["step"] for r in ddp_records if "val_mse" in r]
+    assert val_steps == [r["step"] for r in one_records if "val_mse" in r] == [2, 3]
+    for r_ddp, r_one in zip(ddp_records, one_records):
+        if "val_mse" in r_ddp:
+            assert r_ddp["val_mse"] == pytest.approx(r_one["val_mse"], rel=1e-5)
 
 
 def test_max_seconds_stops_early_with_a_checkpoint_and_validation(tmp_path, dataset):

@@ -17,6 +17,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from streamtrain.config import flag_values
-    from streamtrain.train import run_fit
+    from streamtrain.fitrun import run_fit
 
     return run_fit(flag_values(args), config_file=args.config, resume=args.resume)
