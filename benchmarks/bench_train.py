@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -32,15 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from corpus import KINDS, build_dataset  # benchmarks/corpus.py
+from streamtrain.checkpoint import unwrap_model
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
 from streamtrain.format import load_lengths, open_shard, read_index
 from streamtrain.metrics import measure_matmul_peak_tflops
 from streamtrain.model import sinusoidal_positions
-from streamtrain.train import Trainer, masked_sq_error
+from streamtrain.train import Trainer
 
 D_MODEL, LAYERS, HEADS, FF = 128, 4, 4, 512
 
@@ -98,11 +97,6 @@ class SeedPipeline:
         return int(lengths.sum()), x.shape[0] * x.shape[1]
 
 
-def _palm_flops(num_params: int, lengths: np.ndarray) -> float:
-    lengths = lengths.astype(np.float64)
-    return 6.0 * num_params * lengths.sum() + 12.0 * LAYERS * D_MODEL * (lengths**2).sum()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="dataset folder (default: generate the heavy-tailed corpus)")
@@ -138,6 +132,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
         trainer = Trainer(cfg, data, tmp / "run", torch.device("cpu"))
         groups = trainer._step_groups()
+        model_flops = unwrap_model(trainer.model).train_flops
         seed = SeedPipeline(root, batch_size=16, max_len=args.batch_tokens, seed=0)
 
         def run_fit(n):
@@ -149,14 +144,12 @@ def main(argv=None) -> int:
                 trainer._train_step(group)
                 trainer.step += 1
                 for b in group:
-                    l = b.lengths.numpy()
-                    real += int(l.sum())
-                    flops += _palm_flops(trainer.num_params, l)
+                    real += int(b.lengths.sum())
+                    flops += model_flops(b.lengths)
             return real, flops, time.perf_counter() - t0
 
         def run_seed(n):
             real = 0
-            flops = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
                 r, _ = seed.step()

@@ -1471,7 +1471,6 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
             rejects_path, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n" for p, ln, r in rejects)
         )
     num_tokens = int(lengths.sum(dtype=np.int64))
-    elapsed = time.perf_counter() - t0
     input_bytes = sum(s.size for s in src_list)
     parsed = sum(groups[i].nominal_bytes for i in build)
     index = fmt.Index(
