@@ -101,7 +101,7 @@ def plot(history: list[dict], out: Path = PLOT) -> bool:
         points = [(i, _dig(h.get(name) or {}, rate_path), _dig(h.get(name) or {}, ratio_path)) for i, h in enumerate(history)]
         points = [p for p in points if p[1] is not None]
         ticks = [history[i].get("commit", "")[:7] for i, _, _ in points]
-        for col, (values, title) in enumerate(((p[1] for p in points), label), ((p[2] for p in points), "ratio to the peer, same run")):
+        for col, (values, title) in enumerate((([p[1] for p in points], label), ([p[2] for p in points], "ratio to the peer, same run"))):
             ax = axes[row][col]
             ys = list(values)
             ax.plot(range(len(ys)), ys, marker="o")
