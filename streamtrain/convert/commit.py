@@ -1,0 +1,250 @@
+"""The dataset folder and the crash-safe commit of a convert run: lock, leftovers of earlier runs, moving new
+shards in, the lengths file, the reuse manifest, rejects.jsonl, and index.json written last.
+
+Commit protocol (an earlier complete dataset in DIR stays usable at every instant):
+  1. take `DIR/.convert.lock` (flock): one writer at a time; delete leftovers of a crashed run
+     (`DIR/.staging-*`, files that the current index.json does not name);
+  2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
+  3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
+     the current index names is ever overwritten; fsync the folder;
+  4. write `lengths-<token>.npy`, the reuse manifest `sources-<token>.json` and `rejects.jsonl` atomically;
+  5. write `index.json` atomically (temp + fsync + rename): the single commit point;
+  6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
+A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
+next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
+content: between 4 and 5 it may already describe the new run. On a validation failure (`--on-error fail`)
+the staging folder is deleted and DIR is left as it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from streamtrain import format as fmt
+from streamtrain.convert.blocks import parser_backend
+from streamtrain.convert.plan import MANIFEST_FORMAT, MANIFEST_VERSION
+from streamtrain.convert.report import ConvertResult
+from streamtrain.errors import DataError, UserError
+
+__all__ = ["LOCK_FILE", "STAGING_PREFIX"]
+
+LOCK_FILE = ".convert.lock"
+STAGING_PREFIX = ".staging-"
+
+
+# Files of ours at the top of a dataset folder that are garbage unless index.json names them.
+_OUR_TOP_FILES = re.compile(
+    r"^(lengths.*\.npy|sources-.*\.json|\.(index\.json|rejects\.jsonl|lengths.*\.npy|sources-.*\.json)\..*\.tmp)$"
+)
+_OUR_FIXED_NAMES = re.compile(r"^(shards|index\.json|rejects\.jsonl|\.convert\.lock|\.staging-.*)$")
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if not out.exists() or fmt.is_dataset(out) or force:
+        return
+    strangers = [p.name for p in out.iterdir() if not (_OUR_TOP_FILES.match(p.name) or _OUR_FIXED_NAMES.match(p.name))]
+    if strangers:
+        raise UserError(
+            f"{out}: folder is not empty and is not a streamtrain dataset (it holds {strangers[0]!r}); "
+            "pick a new or empty folder for --out"
+        )
+
+
+class _Lock:
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_Lock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{self.path.parent}: another `streamtrain convert` is writing this folder") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def _referenced(out: Path, index: fmt.Index | None) -> set[str]:
+    if index is None:
+        return set()
+    names = {s.file for s in index.shards} | {index.lengths_file}
+    manifest = (index.extra.get("convert") or {}).get("manifest")
+    if manifest:
+        names.add(manifest)
+    return names
+
+
+def _collect_garbage(out: Path, index: fmt.Index | None) -> None:
+    """Delete what a crashed or superseded run left: staging folders and our files the index does not name."""
+    keep = _referenced(out, index)
+    for p in out.iterdir():
+        name = p.name
+        if name.startswith(STAGING_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and name not in keep and _OUR_TOP_FILES.match(name):
+            p.unlink(missing_ok=True)
+    shard_dir = out / fmt.SHARD_DIR
+    if shard_dir.is_dir():
+        for p in shard_dir.iterdir():
+            rel = f"{fmt.SHARD_DIR}/{p.name}"
+            if p.is_file() and rel not in keep and (p.name.endswith(".arrow") or p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: STREAMTRAIN_TEST_CRASH_AT=name kills the process here, as a power cut would."""
+    if os.environ.get("STREAMTRAIN_TEST_CRASH_AT") == name:
+        os._exit(86)
+
+
+def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
+            num_ignored, src_list, staging, token, t0, workers, progress) -> ConvertResult:
+    build_set = set(build)
+    shards: list[fmt.ShardInfo] = []
+    lengths_parts, rejects, manifest_groups = [], [], []
+    stats = fmt.RunningStats(dim)
+    num_records = 0
+    shard_dir = out / fmt.SHARD_DIR
+    shard_dir.mkdir(exist_ok=True)
+    moves = []
+    first_id = 0
+    for gi, g in enumerate(groups):
+        if gi in build_set:
+            b = built[gi]
+            gstats, glengths, grejects, grecords = b.stats, b.lengths, b.rejects, b.num_records
+            shard_file = sha = None
+            if b.shard_path is not None:
+                shard_file = f"{fmt.SHARD_DIR}/{Path(b.shard_path).name}"
+                sha = b.sha256
+                moves.append((b.shard_path, out / shard_file))
+                shards.append(fmt.ShardInfo(shard_file, len(glengths), int(glengths.sum(dtype=np.int64)),
+                                            b.shard_bytes, sha, first_id))
+        else:
+            old = old_groups[g.key]
+            gstats = fmt.RunningStats.from_json(old["stats"]) if old["stats"]["count"] else fmt.RunningStats(dim)
+            glengths = old["lengths"]
+            grejects = [tuple(r) for r in old["rejects"]]
+            grecords = old["num_records"]
+            shard_file, sha = old["shard"], old.get("sha256")
+            if old["info"] is not None:
+                i = old["info"]
+                shards.append(fmt.ShardInfo(i.file, i.num_sequences, i.num_tokens, i.bytes, i.sha256, first_id))
+        first_id += len(glengths)
+        stats.merge(gstats)
+        lengths_parts.append(glengths)
+        rejects.extend(grejects)
+        num_records += grecords
+        manifest_groups.append({
+            "key": g.key,
+            "sources": [[*src.fingerprint(), s, e] for src, s, e in g.nominal],
+            "shard": shard_file,
+            "sha256": sha,
+            "num_records": grecords,
+            "stats": gstats.to_json(),
+            "rejects": [list(r) for r in grejects],
+        })
+    lengths = np.concatenate(lengths_parts).astype(np.int32) if lengths_parts else np.zeros(0, np.int32)
+    if len(lengths) == 0:
+        first = f" (first: {rejects[0][0]}:{rejects[0][1]}: {rejects[0][2]})" if rejects else ""
+        raise DataError(f"no valid records: {num_records} seen, {len(rejects)} rejected{first}")
+
+    progress.stage("committing")
+    for src_path, dst in moves:
+        os.replace(src_path, dst)
+    fmt._fsync_dir(shard_dir)
+    lengths_buf = fmt._npy_bytes(lengths)
+    lengths_file = f"lengths-{token}.npy"
+    fmt.atomic_write_bytes(out / lengths_file, lengths_buf)
+    manifest_file = f"sources-{token}.json"
+    dim_prefix = None
+    if dim_source is not None:
+        names = [s.fingerprint() for s in src_list]
+        dim_prefix = names[: names.index(dim_source) + 1] if dim_source in names else None
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "settings": settings,
+        "dim_source": dim_source if dim_prefix else None,
+        "dim_prefix": dim_prefix,
+        "groups": manifest_groups,
+    }
+    fmt.atomic_write_bytes(out / manifest_file, orjson.dumps(manifest))
+    rejects_path = out / fmt.REJECTS_FILE
+    if rejects:
+        fmt.atomic_write_bytes(
+            rejects_path, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n" for p, ln, r in rejects)
+        )
+    num_tokens = int(lengths.sum(dtype=np.int64))
+    input_bytes = sum(s.size for s in src_list)
+    parsed = sum(groups[i].nominal_bytes for i in build)
+    index = fmt.Index(
+        root=out,
+        dim=dim,
+        num_sequences=len(lengths),
+        num_tokens=num_tokens,
+        shards=shards,
+        mean=stats.mean,
+        std=stats.std,
+        lengths_file=lengths_file,
+        lengths_sha256=hashlib.sha256(lengths_buf).hexdigest(),
+        num_rejected=len(rejects),
+        extra={
+            "num_records": num_records,
+            "num_ignored_files": num_ignored,
+            "num_files": len(src_list),
+            "stats": stats.to_json(),
+            "convert": {
+                "manifest": manifest_file,
+                "on_error": on_error,
+                "shard_bytes": settings["shard_bytes"],
+                "input_bytes": input_bytes,
+                "groups_built": len(build),
+                "groups_reused": len(groups) - len(build),
+            },
+        },
+    )
+    _crash_point("before-index")
+    fmt.write_index(index)
+    _crash_point("after-index")
+    if not rejects:
+        rejects_path.unlink(missing_ok=True)
+    _collect_garbage(out, index)
+    progress.finish()
+    return ConvertResult(
+        out=out,
+        index=index,
+        num_records=num_records,
+        num_sequences=len(lengths),
+        num_rejected=len(rejects),
+        num_ignored_files=num_ignored,
+        num_files=len(src_list),
+        num_tokens=num_tokens,
+        input_bytes=input_bytes,
+        parsed_bytes=parsed,
+        groups_built=len(build),
+        groups_reused=len(groups) - len(build),
+        workers=workers,
+        backend=parser_backend().name,
+        elapsed_s=time.perf_counter() - t0,
+        rejects_path=rejects_path if rejects else None,
+        num_records_fast=sum(b.num_fast for b in built.values()),
+        num_records_slow=sum(b.num_records - b.num_fast for b in built.values()),
+    )

@@ -1,0 +1,105 @@
+"""`convert()`: checks its arguments and runs the stages in order, under the dataset folder's lock:
+sources → plan (and reuse) → workers → commit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import orjson
+
+from streamtrain.convert.commit import (
+    STAGING_PREFIX,
+    _check_out_dir,
+    _collect_garbage,
+    _commit,
+    _Lock,
+)
+from streamtrain.convert.plan import (
+    _MIN_PARTIAL_BYTES,
+    _load_previous,
+    _plan_groups,
+    _resolve_dim,
+    _resolve_groups,
+    _reusable_groups,
+    _source_kinds,
+)
+from streamtrain.convert.report import ConvertProgress, ConvertResult
+from streamtrain.convert.sources import list_sources
+from streamtrain.convert.workers import _execute, default_workers
+from streamtrain.errors import UserError
+
+__all__ = ["ON_ERROR_CHOICES", "convert"]
+
+ON_ERROR_CHOICES = ("fail", "skip")
+
+
+def convert(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    on_error: str = "fail",
+    dim: int | None = None,
+    shard_mb: float = 64,
+    force: bool = False,
+    progress: ConvertProgress | None = None,
+) -> ConvertResult:
+    """Convert JSON/JSONL `sources` (files or folders) into the dataset folder `out`; see the package docstring."""
+    t0 = time.perf_counter()
+    progress = progress or ConvertProgress()
+    if on_error not in ON_ERROR_CHOICES:
+        raise UserError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if dim is not None and dim < 1:
+        raise UserError(f"--dim must be >= 1, got {dim}")
+    if not shard_mb > 0:
+        raise UserError(f"--shard-mb must be > 0, got {shard_mb}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if not sources:
+        raise UserError("no input given (pass one or more SRC files or folders)")
+    out = Path(out)
+    _check_out_dir(out, force)
+    src_list, num_ignored = list_sources(sources, exclude=out)
+    if not src_list:
+        raise UserError(
+            f"no .json or .jsonl files in {', '.join(os.fspath(s) for s in sources)}"
+            + (f" ({num_ignored} other files ignored)" if num_ignored else "")
+        )
+    shard_bytes = max(1, int(shard_mb * (1 << 20)))
+    partial_bytes = max(_MIN_PARTIAL_BYTES, shard_bytes // 16)
+    out.mkdir(parents=True, exist_ok=True)
+    with _Lock(out):
+        prev_index, manifest = _load_previous(out)
+        if force:
+            manifest = None
+        _collect_garbage(out, prev_index)
+        dim, dim_source = _resolve_dim(src_list, dim, manifest)
+        settings = {"dim": dim, "on_error": on_error, "shard_bytes": shard_bytes, "partial_bytes": partial_bytes}
+        settings_key = orjson.dumps(settings).decode()
+        groups = _plan_groups(src_list, shard_bytes, settings_key)
+        old_groups = {}
+        if manifest is not None and manifest.get("settings") == settings and prev_index is not None:
+            old_groups = _reusable_groups(out, prev_index, manifest)
+        build = [i for i, g in enumerate(groups) if g.key not in old_groups]
+        todo = [groups[i] for i in build]
+        _resolve_groups(todo, partial_bytes, _source_kinds(todo, partial_bytes))
+
+        token = secrets.token_hex(4)
+        staging = out / f"{STAGING_PREFIX}{token}"
+        staging.mkdir()
+        try:
+            built = _execute(groups, build, dim, on_error, workers, staging, token, progress,
+                             sum(g.nominal_bytes for g in groups), len(src_list))
+            return _commit(
+                out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
+                num_ignored, src_list, staging, token, t0, workers, progress,
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

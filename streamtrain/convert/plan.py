@@ -1,0 +1,264 @@
+"""Work planning: which input bytes go into which shard (groups), how groups are cut for statistics and
+parallel tasks (partials), and which groups a previous run already built (the reuse manifest).
+
+Work units. Input files, in sorted path order, are grouped into *groups* of about `shard_bytes` of input text
+(a file larger than that is split into several groups at line boundaries); each group becomes one shard and is
+the unit of reuse. Group boundaries depend only on file sizes and paths (plus a content-defined cut rule on
+the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
+*partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
+order, so the result is bit-identical whether a group is converted by one task or partial by partial in
+parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
+in the staging folder) and then merged into the same shard.
+
+Reuse. A group's key hashes the conversion settings and the (path, size, mtime, byte span) of its inputs; the
+manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
+rejects, so an unchanged group is taken over without parsing it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import orjson
+
+from streamtrain import format as fmt
+from streamtrain.convert.sources import _detect_dim, _is_lines_document, _Source
+from streamtrain.errors import DataError
+
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION"]
+
+MANIFEST_FORMAT = "streamtrain-convert-manifest"
+MANIFEST_VERSION = 1
+
+_MIN_PARTIAL_BYTES = 256 << 10
+_CDC_MASK = 7  # a file whose path hash has these bits clear may end a group early (content-defined cut)
+_READ_BYTES = 8 << 20
+
+
+# A segment: (path, start, end, first_line, kind) with kind "lines" or "document".
+Segment = tuple
+
+
+@dataclass
+class _Group:
+    nominal: list  # [(source, start, end)] nominal byte spans (range groups of big files use k*S .. (k+1)*S)
+    key: str = ""
+    segments: list = field(default_factory=list)  # actual Segments, resolved for groups that are built
+    cuts: list = field(default_factory=list)  # partial cuts: [(segment index, nominal offset or None)]
+
+    @property
+    def nominal_bytes(self) -> int:
+        return sum(e - s for _, s, e in self.nominal)
+
+
+def _cdc_cut(path: str) -> bool:
+    return (zlib.crc32(path.encode()) & _CDC_MASK) == 0
+
+
+def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) -> list[_Group]:
+    groups: list[_Group] = []
+    current: list = []
+    current_bytes = 0
+
+    def close() -> None:
+        nonlocal current, current_bytes
+        if current:
+            groups.append(_Group(current))
+        current, current_bytes = [], 0
+
+    for src in sources:
+        splittable = src.kind == "lines" or (src.size > shard_bytes and _is_lines_document(src))
+        if src.size > shard_bytes and splittable:
+            close()
+            for k in range(math.ceil(src.size / shard_bytes)):
+                groups.append(_Group([(src, k * shard_bytes, min((k + 1) * shard_bytes, src.size))]))
+            continue
+        current.append((src, 0, src.size))
+        current_bytes += src.size
+        if current_bytes >= shard_bytes or (current_bytes >= shard_bytes // 4 and _cdc_cut(src.path)):
+            close()
+    close()
+    for g in groups:
+        ident = [settings_key] + [[*src.fingerprint(), s, e] for src, s, e in g.nominal]
+        g.key = hashlib.sha256(orjson.dumps(ident)).hexdigest()[:32]
+    return groups
+
+
+def _source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
+    """How each input file of `groups` is read: "lines" (split at line boundaries) or "document" (whole)."""
+    kinds: dict[str, str] = {}
+    for g in groups:
+        for src, _, _ in g.nominal:
+            if src.path not in kinds:
+                big_json = src.kind == "document" and src.size > partial_bytes and _is_lines_document(src)
+                kinds[src.path] = "lines" if src.kind == "lines" or big_json else "document"
+    return kinds
+
+
+def _resolve_cuts(path: str, size: int, offsets: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """For each nominal byte offset, the first line start at or after it and that line's 1-based number
+    (offsets at or past the end map to (size, 0): no line number is needed there). One sequential read of
+    the file up to the last offset before its end."""
+    result: dict[int, tuple[int, int]] = {}
+    with open(path, "rb") as f:
+        pos, line = 0, 1  # pos is a line start; line is its number
+        for off in sorted(set(offsets)):
+            if off <= 0:
+                result[off] = (0, 1)
+                continue
+            if off >= size:
+                result[off] = (size, 0)
+                continue
+            f.seek(off - 1)
+            actual, probe = size, off - 1
+            while chunk := f.read(1 << 16):
+                i = chunk.find(b"\n")
+                if i >= 0:
+                    actual = probe + i + 1
+                    break
+                probe += len(chunk)
+            f.seek(pos)
+            remaining = actual - pos
+            while remaining > 0:
+                chunk = f.read(min(_READ_BYTES, remaining))
+                if not chunk:
+                    break
+                line += chunk.count(b"\n")
+                remaining -= len(chunk)
+            pos = actual
+            result[off] = (actual, line)
+    return result
+
+
+def _resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, str]) -> None:
+    """Fill each group's line-aligned segments and its partial cuts (nominal offsets, resolved by whoever
+    reads the text: the task itself, or `_split_partials` when partials run as separate tasks)."""
+    starts: dict[str, set] = {}
+    for g in groups:
+        for src, s, e in g.nominal:
+            if kinds[src.path] == "lines":
+                starts.setdefault(src.path, set()).update((s, e))
+    sizes = {src.path: src.size for g in groups for src, _, _ in g.nominal}
+    resolved = {path: _resolve_cuts(path, sizes[path], offs) for path, offs in starts.items()}
+    for g in groups:
+        g.segments, g.cuts = [], []
+        offset = 0  # position in the group's nominal byte stream
+        for i, (src, s, e) in enumerate(g.nominal):
+            kind = kinds[src.path]
+            p = (offset // partial_bytes + 1) * partial_bytes  # the next partial boundary in the stream
+            if kind == "lines":
+                (a, line), (b, _) = resolved[src.path][s], resolved[src.path][e]
+                g.segments.append((src.path, a, b, line, kind))
+                while p < offset + (e - s):
+                    g.cuts.append((i, s + (p - offset)))
+                    p += partial_bytes
+            else:
+                g.segments.append((src.path, 0, src.size, 1, kind))
+                if p < offset + (e - s):
+                    g.cuts.append((i + 1, None))  # a document is atomic: the cut moves to the next file
+            offset += e - s
+        g.cuts = [c for c in g.cuts if c[0] < len(g.segments)]
+
+
+def _split_partials(g: _Group) -> list[list]:
+    """The group's partials as segment lists (reads the files to find line boundaries and numbers)."""
+    offsets: dict[str, list] = {}
+    for i, off in g.cuts:
+        if off is not None:
+            offsets.setdefault(g.segments[i][0], []).append(off)
+    resolved = {}
+    for path, offs in offsets.items():
+        resolved[path] = _resolve_cuts(path, os.path.getsize(path), offs)
+    partials: list[list] = [[]]
+    for i, (path, a, b, line, kind) in enumerate(g.segments):
+        for j, off in g.cuts:
+            if j != i:
+                continue
+            if off is None:
+                partials.append([])
+                continue
+            cut, cut_line = resolved[path][off]
+            cut = min(max(cut, a), b)
+            if cut > a:
+                partials[-1].append((path, a, cut, line, kind))
+                a, line = cut, cut_line
+            partials.append([])
+        if b > a or kind == "document":
+            partials[-1].append((path, a, b, line, kind))
+    return [p for p in partials if p]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reuse: the previous run's state
+
+
+def _load_previous(out: Path) -> tuple[fmt.Index | None, dict | None]:
+    if not fmt.is_dataset(out):
+        return None, None
+    try:
+        index = fmt.read_index(out)
+    except DataError:
+        return None, None
+    info = index.extra.get("convert") or {}
+    name = info.get("manifest")
+    if not name:
+        return index, None
+    try:
+        manifest = orjson.loads((out / name).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return index, None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+        return index, None
+    return index, manifest
+
+
+def _reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
+    """Groups of the previous run whose shard is still what the index says (same file, size, checksum)."""
+    shards = {s.file: s for s in index.shards}
+    lengths = None
+    usable = {}
+    for g in manifest.get("groups", []):
+        shard = g.get("shard")
+        if shard is not None:
+            info = shards.get(shard)
+            path = out / shard
+            if info is None or info.sha256 != g.get("sha256") or not path.is_file() or path.stat().st_size != info.bytes:
+                continue
+            if lengths is None:
+                try:
+                    lengths = fmt.load_lengths(index)
+                except DataError:
+                    return {}
+            g = dict(g, lengths=np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32),
+                     info=info)
+        else:
+            g = dict(g, lengths=np.zeros(0, np.int32), info=None)
+        usable[g["key"]] = g
+    return usable
+
+
+def _resolve_dim(src_list: list[_Source], dim: int | None, manifest: dict | None) -> tuple[int, list | None]:
+    if dim is not None:
+        return dim, None
+    if manifest is not None and manifest.get("dim_source"):
+        # Reuse the detected width while every file up to the one it came from is unchanged.
+        recorded = manifest["dim_source"]
+        prefix = manifest.get("dim_prefix") or []
+        now = [s.fingerprint() for s in src_list[: len(prefix)]]
+        if now == prefix and prefix and prefix[-1] == recorded:
+            return int(manifest["settings"]["dim"]), recorded
+    found = _detect_dim(src_list)
+    if found is None:
+        raise DataError(
+            f"no valid record in {len(src_list)} input file{'s' if len(src_list) != 1 else ''} to take --dim from "
+            "(a record is an array of at least 2 vectors of equal length); run with --on-error skip --dim D to see why"
+        )
+    width, src = found
+    return width, src.fingerprint()
