@@ -82,7 +82,7 @@ __all__ = [
 
 EXIT_DIVERGED = 3  # the loss became NaN/Inf; last.pt still holds the last good weights
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-_HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds sets the schedule's horizon
+_HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds first sets the schedule's horizon
 _PAD_MULTIPLE = 8  # padded lengths T are multiples of this (tensor-core and vector-width friendly)
 
 
@@ -184,7 +184,7 @@ class Trainer:
         self.total_steps = min(limits)
         self.decay_steps = cfg.optim.decay_steps or self.total_steps
         # With --max-seconds and no --decay-steps the horizon is re-estimated from the measured step time
-        # once, after _HORIZON_PROBE_STEPS steps, so that the cosine ends when time runs out.
+        # after _HORIZON_PROBE_STEPS steps and at every log step, so that the cosine ends when time runs out.
         self._estimate_horizon = t.max_seconds is not None and cfg.optim.decay_steps is None
         self._horizon_estimated = False  # set once the horizon comes from the measured step time
         self._default_warmup = cfg.optim.warmup_steps is None
@@ -507,8 +507,11 @@ class Trainer:
                 loss_acc += loss
                 steps_acc += 1
                 view.advance(self.step)
-                if self._estimate_horizon and self.step - self._fit_start_step == _HORIZON_PROBE_STEPS:
-                    self._set_horizon_from_time(start_s)
+                steps_run = self.step - self._fit_start_step
+                if self._estimate_horizon and steps_run >= _HORIZON_PROBE_STEPS and (
+                    steps_run == _HORIZON_PROBE_STEPS or self.step % t.log_every == 0
+                ):
+                    self._set_horizon_from_time(start_s, first=steps_run == _HORIZON_PROBE_STEPS)
                 last_step = self.step >= self.total_steps or self._time_is_up()
                 record = None
                 if self.step % t.log_every == 0 or last_step:
@@ -563,7 +566,10 @@ class Trainer:
             self._summary(last_record, last_val)
         return exit_code
 
-    def _set_horizon_from_time(self, start_s: float) -> None:
+    def _set_horizon_from_time(self, start_s: float, first: bool) -> None:
+        """Fit the cosine's end to --max-seconds from the mean step time so far. First after
+        _HORIZON_PROBE_STEPS steps, then again at every log step, so that a slow start (allocator warm-up,
+        a busy machine) does not end the schedule early; the estimate moves little once it has settled."""
         # one horizon for all ranks: the slowest rank's estimate
         elapsed_s = all_reduce_max(self.dist, self.device, time.perf_counter() - start_s)
         steps_timed = self.step - self._fit_start_step
@@ -571,11 +577,13 @@ class Trainer:
         fits = self.step + int((self.cfg.train.max_seconds - elapsed_s) / per_step_s)
         self.decay_steps = max(self.step + 1, min(self.total_steps, fits))
         self._horizon_estimated = True
+        if not first:
+            return
         if self._default_warmup:
             self.warmup_steps = min(self.warmup_steps, max(self.step, self.decay_steps // 10))
         self._print(
             f"--max-seconds {self.cfg.train.max_seconds:g}: {per_step_s * 1e3:.0f} ms/step, "
-            f"learning-rate schedule set to end at step {self.decay_steps}"
+            f"learning-rate schedule set to end near step {self.decay_steps} (re-estimated at every log step)"
         )
 
     def _time_is_up_locally(self) -> bool:

@@ -337,3 +337,26 @@ def test_max_seconds_stops_early_with_a_checkpoint_and_validation(tmp_path, data
     assert (out / "checkpoints" / "best.pt").is_file()  # the final validation ran
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 1 and "val_mse" in records[-1]
+
+
+def test_time_horizon_is_re_estimated_from_the_mean_step_time(tmp_path, dataset, monkeypatch):
+    import streamtrain.train as train_module
+
+    trainer = _trainer(tmp_path, dataset, max_steps=10_000, max_seconds=100.0)
+    trainer._print = lambda line: None
+    now = {"t": 0.0}
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now["t"])
+    # a slow start: 20 steps in 10 s (0.5 s/step) -> the cosine would end at 20 + 90 / 0.5 = 200
+    trainer.step, now["t"] = 20, 10.0
+    trainer._set_horizon_from_time(0.0, first=True)
+    assert trainer.decay_steps == 200
+    warmup = trainer.warmup_steps
+    # then faster: 120 steps in 30 s (0.25 s/step) -> 120 + 70 / 0.25 = 400
+    trainer.step, now["t"] = 120, 30.0
+    trainer._set_horizon_from_time(0.0, first=False)
+    assert trainer.decay_steps == 400
+    assert trainer.warmup_steps == warmup  # warmup is fixed by the first estimate only
+    # never beyond the step/epoch limit
+    trainer.step, now["t"] = 9_000, 30.0  # 9000 + 70 / (30 / 9000) = 30000 steps would fit
+    trainer._set_horizon_from_time(0.0, first=False)
+    assert trainer.decay_steps == 10_000
