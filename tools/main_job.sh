@@ -6,18 +6,13 @@
 # and ./data (both git-ignored). Override with FIT_SECONDS, CORPUS_MB, RUN, DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
 FIT_SECONDS=${FIT_SECONDS:-60}
 CORPUS_MB=${CORPUS_MB:-20}
 DATA=${DATA:-data}
 RUN=${RUN:-runs/main}
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-# torch first: the CPU build from local disk; a bare `torch` requirement would pull a CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[plot,corpus]"
+bash tools/setup_env.sh plot,corpus
+rm -rf "$RUN"  # the main job's own run folder: each run of this script starts a new one
 PY=.venv/bin/python
 ST=.venv/bin/streamtrain
 
