@@ -223,29 +223,70 @@ def read_index(root: str | os.PathLike) -> Index:
         raise DataError(f"{path}: missing keys {', '.join(missing)}")
     if raw["format"] != FORMAT_NAME:
         raise DataError(f"{path}: format is {raw['format']!r}, expected {FORMAT_NAME!r}")
-    if raw["format_version"] > FORMAT_VERSION:
+    version = _typed(path, raw, "format_version", int)
+    if version > FORMAT_VERSION:
         raise DataError(
-            f"{path}: format version {raw['format_version']} is newer than this streamtrain reads "
+            f"{path}: format version {version} is newer than this streamtrain reads "
             f"({FORMAT_VERSION}); upgrade streamtrain or re-convert"
         )
-    try:
-        shards = [ShardInfo(**{k: s[k] for k in ShardInfo.__dataclass_fields__}) for s in raw["shards"]]
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{path}: malformed shard entry ({e})") from None
+    dim = _typed(path, raw, "dim", int, minimum=1)
+    if not isinstance(raw["shards"], list):
+        raise DataError(f"{path}: key 'shards' must be a list, got {type(raw['shards']).__name__}")
+    shards = []
+    for i, s in enumerate(raw["shards"]):
+        where = f"shards[{i}]"
+        if not isinstance(s, dict):
+            raise DataError(f"{path}: malformed shard entry {where} (expected an object)")
+        missing = [k for k in ShardInfo.__dataclass_fields__ if k not in s]
+        if missing:
+            raise DataError(f"{path}: malformed shard entry {where} (missing {', '.join(missing)})")
+        shards.append(ShardInfo(
+            file=_typed(path, s, "file", str, where),
+            num_sequences=_typed(path, s, "num_sequences", int, where, minimum=0),
+            num_tokens=_typed(path, s, "num_tokens", int, where, minimum=0),
+            bytes=_typed(path, s, "bytes", int, where, minimum=0),
+            sha256=_typed(path, s, "sha256", str, where),
+            first_id=_typed(path, s, "first_id", int, where, minimum=0),
+        ))
     known = set(_REQUIRED_KEYS) | {"lengths_file", "lengths_sha256", "num_rejected"}
     return Index(
         root=root,
-        dim=int(raw["dim"]),
-        num_sequences=int(raw["num_sequences"]),
-        num_tokens=int(raw["num_tokens"]),
+        dim=dim,
+        num_sequences=_typed(path, raw, "num_sequences", int, minimum=0),
+        num_tokens=_typed(path, raw, "num_tokens", int, minimum=0),
         shards=shards,
-        mean=np.asarray(raw["mean"], dtype=np.float64),
-        std=np.asarray(raw["std"], dtype=np.float64),
-        lengths_file=raw.get("lengths_file", LENGTHS_FILE),
-        lengths_sha256=raw.get("lengths_sha256", ""),
-        num_rejected=int(raw.get("num_rejected", 0)),
+        mean=_vector(path, raw, "mean", dim),
+        std=_vector(path, raw, "std", dim),
+        lengths_file=_typed(path, raw, "lengths_file", str, default=LENGTHS_FILE),
+        lengths_sha256=_typed(path, raw, "lengths_sha256", str, default=""),
+        num_rejected=_typed(path, raw, "num_rejected", int, minimum=0, default=0),
         extra={k: v for k, v in raw.items() if k not in known},
     )
+
+
+_MISSING = object()
+
+
+def _typed(path: Path, obj: dict, key: str, kind: type, where: str = "", minimum: int | None = None,
+           default: Any = _MISSING) -> Any:
+    """obj[key] checked to be a `kind` (bool is not an int), at least `minimum`; DataError naming the key."""
+    name = f"{where}.{key}" if where else key
+    if key not in obj and default is not _MISSING:
+        return default
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{path}: key {name!r} must be {'an integer' if kind is int else 'a string'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise DataError(f"{path}: key {name!r} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _vector(path: Path, obj: dict, key: str, dim: int) -> np.ndarray:
+    value = obj[key]
+    if (not isinstance(value, list) or len(value) != dim
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise DataError(f"{path}: key {key!r} must be a list of {dim} numbers (dim)")
+    return np.asarray(value, dtype=np.float64)
 
 
 def write_index(index: Index) -> None:
@@ -412,26 +453,14 @@ def sequences_to_table(
 
 
 def write_shard(path: str | os.PathLike, table: pa.Table) -> tuple[int, str]:
-    """Write `table` as an Arrow IPC file at `path` via a temp name + rename; return (bytes, sha256)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    """Write `table` as an Arrow IPC file at `path` atomically (`atomic_write_with`); return (bytes, sha256)."""
+
+    def write(f: BinaryIO) -> None:
+        with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_sha256(tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return size, digest
+
+    atomic_write_with(path, write)
+    return os.path.getsize(path), file_sha256(path)
 
 
 class DatasetWriter:

@@ -124,6 +124,16 @@ def _bar(count: int, peak: int, width: int = 40) -> str:
     return "#" * (math.ceil(width * count / peak) if peak and count else 0)
 
 
+def _length_line(L: LengthSummary) -> str:
+    return f"min {L.min}  p50 {L.p50:g}  p90 {L.p90:g}  p99 {L.p99:g}  max {L.max}  mean {L.mean:.1f}"
+
+
+def _histogram_rows(L: LengthSummary) -> list[tuple[int, int, int, str]]:
+    """(lowest length, highest length, sequences, bar) per histogram bin (both bounds inclusive)."""
+    peak = max(L.counts, default=0)
+    return [(lo, hi - 1, c, _bar(c, peak)) for lo, hi, c in zip(L.bin_edges[:-1], L.bin_edges[1:], L.counts)]
+
+
 def render_text(s: DatasetSummary) -> str:
     """Plain-text report (what `inspect` prints when stdout is not a terminal)."""
     out = [
@@ -137,13 +147,12 @@ def render_text(s: DatasetSummary) -> str:
                    + (f"  (see {s.rejects_file})" if s.rejects_file else ""))
     else:
         out.append(f"rejected  {s.num_rejected:,}")
-    L = s.lengths
-    out.append(f"length    min {L.min}  p50 {L.p50:g}  p90 {L.p90:g}  p99 {L.p99:g}  max {L.max}  mean {L.mean:.1f}")
-    if L.counts:
-        peak = max(L.counts)
+    out.append(f"length    {_length_line(s.lengths)}")
+    rows = _histogram_rows(s.lengths)
+    if rows:
         out.append("histogram (vectors per sequence)")
-        for lo, hi, c in zip(L.bin_edges[:-1], L.bin_edges[1:], L.counts):
-            out.append(f"  {lo:>7}-{hi - 1:<7} {c:>10,} {_bar(c, peak)}")
+        for lo, hi, c, bar in rows:
+            out.append(f"  {lo:>7}-{hi:<7} {c:>10,} {bar}")
     out.append("shards")
     out.append(f"  {'file':<40} {'sequences':>10} {'tokens':>12} {'MB':>9} {'first_id':>10}  sha256")
     for sh in s.shards:

@@ -35,6 +35,9 @@ def test_convert_summary_and_inspect(tmp_path, capsys):
     (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--dim", "0"], "--dim must be >= 1"),
     (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--dim", "4"], "has 3 values, expected 4"),
     (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--workers", "0"], "--workers must be >= 1"),
+    (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--shard-mb", "inf"], "--shard-mb must be a finite number > 0"),
+    (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--shard-mb", "nan"], "--shard-mb must be a finite number > 0"),
+    (["convert", "{tmp}/src", "--out", "{tmp}/ds", "--shard-mb", "0"], "--shard-mb must be a finite number > 0"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -45,6 +48,24 @@ def test_user_errors_exit_2_with_one_line(tmp_path, args, message):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.startswith("streamtrain convert: error: ") and message in p.stderr
     assert not (tmp_path / "ds" / "index.json").exists()
+
+
+def test_unreadable_index_exits_2_and_keeps_the_dataset(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("[[1,2,3],[4,5,6]]\n" * 3)
+    assert _cli("convert", tmp_path / "src", "--out", tmp_path / "ds").returncode == 0
+    raw = json.loads((tmp_path / "ds" / "index.json").read_text())
+    raw["format_version"] = "1"
+    (tmp_path / "ds" / "index.json").write_text(json.dumps(raw))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ds").rglob("*"))
+    p = _cli("convert", tmp_path / "src", "--out", tmp_path / "ds")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "'format_version' must be an integer" in p.stderr and "use --force to rebuild" in p.stderr
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ds").rglob("*")) == before
+    p = _cli("convert", tmp_path / "src", "--out", tmp_path / "ds", "--force", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "ds" / "index.json").read_text())["num_sequences"] == 3
 
 
 @pytest.mark.slow

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -128,6 +130,46 @@ def test_parse_record_matches_numpy_of_float_of_text():
     texts = _tricky_decimals(np.random.default_rng(2), n=50)[:56]
     arr = cv.parse_record("[" + ",".join(f"[{a},{b}]" for a, b in zip(texts[0::2], texts[1::2])) + "]", dim=2)
     assert arr.reshape(-1).tobytes() == np.array([np.float32(float(t)) for t in texts], np.float32).tobytes()
+
+
+_F32_BOUNDARY_TEXTS = [
+    "3.4028234663852886e+38", "3.4028235e+38", "3.40282356e+38", "3.4028235677973362e+38", "3.4028235677973366e+38",
+    "3.4028235677973366e38", "3.402823567797337e+38", "3.4028236e+38", "3.4028236692093846e+38", "3.5e+38", "1e39",
+    "340282356779733661637539395458142568447", "340282356779733661637539395458142568448",
+]
+
+
+def test_float32_overflow_rule_is_exactly_numpy_rounding(tmp_path, backend):
+    """A value is kept exactly when np.float32(float(text)) is finite, on both paths (block and per record)."""
+    texts = _F32_BOUNDARY_TEXTS + ["-" + t for t in _F32_BOUNDARY_TEXTS]
+    with np.errstate(over="ignore"):
+        finite = {t: bool(np.isfinite(np.float32(float(t)))) for t in texts}
+    # 2**128 - 2**103 (3.4028235677973366e+38) is the midpoint between float32 max and 2**128: it rounds (to
+    # even) to infinity, and the double just below it rounds to float32 max.
+    assert finite["3.4028235e+38"] and finite["3.4028235677973362e+38"]
+    assert not finite["3.4028235677973366e+38"] and not finite["3.4028236e+38"]
+    lines = [f"[[1, 2], [{t}, 4]]" for t in texts]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    r = cv.convert([tmp_path / "src"], tmp_path / "out", workers=1, on_error="skip")
+    kept = {line: arr for _, line, arr in _read_dataset(tmp_path / "out")}
+    for i, t in enumerate(texts):
+        assert (i + 1 in kept) == finite[t], t
+        with np.errstate(over="ignore"):
+            want = np.float32(float(t))
+        if finite[t]:
+            assert kept[i + 1][1, 0] == want
+            assert cv.parse_record(lines[i])[1, 0] == want
+        else:
+            with pytest.raises(cv.RecordError, match="overflows float32"):
+                cv.parse_record(lines[i])
+    assert r.num_rejected == sum(not f for f in finite.values())
+    # A block of only finite values takes the fast path and agrees with the rule as well.
+    ok = [f"[[1, 2], [{t}, 4]]" for t in texts if finite[t]]
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "b.jsonl").write_text("\n".join(ok) + "\n")
+    r_ok = cv.convert([tmp_path / "ok"], tmp_path / "out_ok", workers=1)
+    assert (r_ok.num_sequences, r_ok.num_records_fast) == (len(ok), len(ok))
 
 
 def test_round_trip_mixed_corpus(tmp_path, backend):
@@ -382,6 +424,84 @@ def test_truncated_single_json_document_is_one_reject(tmp_path):
     assert reject["line"] == 1 and "not valid JSON" in reject["reason"]
 
 
+@pytest.mark.parametrize("shard_mb, workers", [(64, 1), (0.01, 2)])
+def test_json_file_with_a_bad_first_line_is_still_json_lines(tmp_path, shard_mb, workers):
+    """A .json file that is not one JSON value but has lines that are records keeps every good line (each bad
+    line is its own reject with its own line number), also when it is big enough to be split into groups."""
+    rng = np.random.default_rng(23)
+    lines = ["{bad"] + [_record([[f"{x:.4g}" for x in rng.random(3)] for _ in range(int(rng.integers(2, 6)))])
+                        for _ in range(1001)]
+    lines[500] = "[[1, 2, 3]]"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.json").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = cv.convert([tmp_path / "src"], out, workers=workers, on_error="skip", shard_mb=shard_mb)
+    assert (r.num_records, r.num_sequences, r.num_rejected) == (1002, 1000, 2)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [x["line"] for x in rejects] == [1, 501]
+    assert "not valid JSON" in rejects[0]["reason"] and "at least 2 are needed" in rejects[1]["reason"]
+    assert [ln for _, ln, _ in _read_dataset(out)] == [i + 1 for i in range(1, 1002) if i != 500]
+    with pytest.raises(DataError, match=r"a\.json:1: not valid JSON"):
+        cv.convert([tmp_path / "src"], tmp_path / "out_fail", workers=workers, shard_mb=shard_mb)
+
+
+@pytest.mark.parametrize("shard_mb", [64, 0.0001])
+def test_broken_pretty_printed_document_stays_one_reject(tmp_path, shard_mb):
+    """A truncated pretty-printed record has lines that are JSON on their own (a number, a vector), but none
+    that is a record: it is one document and one reject at line 1, whether or not it is split into groups."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.json").write_text(json.dumps({"sequence": [[1, 2], [3, 4], [5, 6]]}, indent=2)[:-2])
+    (tmp_path / "src" / "b.json").write_text(json.dumps([[1, 2], [3, 4]], indent=4)[:-1])
+    (tmp_path / "src" / "c.json").write_text("[\n [1, 2],\n [3, 4]\n")
+    (tmp_path / "src" / "d.json").write_text("[[1, 2], [3, 4]]")
+    out = tmp_path / "out"
+    r = cv.convert([tmp_path / "src"], out, workers=1, on_error="skip", shard_mb=shard_mb)
+    assert (r.num_records, r.num_sequences, r.num_rejected) == (4, 1, 3)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(Path(x["path"]).name, x["line"]) for x in rejects] == [("a.json", 1), ("b.json", 1), ("c.json", 1)]
+
+
+def test_lines_longer_than_a_read_chunk(tmp_path):
+    """Line detection and record iteration read files in chunks; records spanning several chunks are whole."""
+    from streamtrain.convert import sources
+
+    rng = np.random.default_rng(29)
+    big = [_record([[f"{x:.9g}" for x in rng.random(DIM)] for _ in range(n)]) for n in (5000, 3, 9000)]
+    assert len(big[0]) > 1 << 20 and len(big[2]) > 2 << 20
+    (tmp_path / "src").mkdir()
+    lines_json = tmp_path / "src" / "lines.json"
+    lines_json.write_bytes(b"\xef\xbb\xbf\n  \n" + "\n".join(big).encode() + b"\n\n")
+    one_doc = tmp_path / "src" / "one.json"
+    one_doc.write_text(big[2] + "\n \n")
+    jsonl = tmp_path / "src" / "x.jsonl"
+    jsonl.write_text("\n".join(big) + "\n")
+    found, _ = cv.list_sources([tmp_path / "src"])
+    by_name = {Path(src.path).name: src for src in found}
+    assert sources._is_lines_document(by_name["lines.json"])
+    assert not sources._is_lines_document(by_name["one.json"])
+    assert list(sources._iter_record_texts(by_name["x.jsonl"])) == [t.encode() for t in big]
+    r = cv.convert([tmp_path / "src"], tmp_path / "out", workers=2, shard_mb=1)
+    assert (r.num_sequences, r.num_rejected) == (7, 0)
+
+
+def test_on_error_fail_names_the_first_bad_record_for_any_worker_count(tmp_path):
+    """Bad records in two different groups: the error names the first one in input order, whichever task
+    finishes first (the later file's group is bigger, so it is scheduled first)."""
+    rng = np.random.default_rng(31)
+    (tmp_path / "src").mkdir()
+    for name, n, bad_line in (("a.jsonl", 41, 37), ("b.jsonl", 403, 3)):
+        lines = [_record([[f"{x:.4g}" for x in rng.random(4)] for _ in range(5)]) for _ in range(n)]
+        lines[bad_line - 1] = "[[1, 2, 3, 4], [5, 6]]"
+        (tmp_path / "src" / name).write_text("\n".join(lines) + "\n")
+    messages = set()
+    for workers in (1, 2, 3):
+        with pytest.raises(DataError) as e:
+            cv.convert([tmp_path / "src"], tmp_path / f"out{workers}", workers=workers, shard_mb=0.02)
+        messages.add(str(e.value))
+    assert len(messages) == 1
+    assert re.search(r"a\.jsonl:37: vector 1 \(0-based\) has 2 values", messages.pop())
+
+
 def test_many_rejects_counts_reconcile_with_workers(tmp_path):
     rng = np.random.default_rng(5)
     lines = []
@@ -488,6 +608,64 @@ def test_rerun_reuses_everything_and_changes_rebuild_only_their_group(tmp_path):
         [index.lengths_file, index.extra["convert"]["manifest"]])
 
 
+def test_rewrite_with_same_size_and_restored_mtime_is_parsed_again(tmp_path):
+    """cp -p / rsync -t: new content of the same size under the old mtime is not taken for the old file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    target = src / "a.jsonl"
+    target.write_text("[[1, 2], [3, 4]]\n[[5, 6], [7, 8]]\n")
+    (src / "b.jsonl").write_text("[[0, 0], [0, 1]]\n")
+    out = tmp_path / "out"
+    cv.convert([src], out, workers=1, shard_mb=0.00001)
+    st = target.stat()
+    # In place (same inode): only the ctime tells.
+    with open(target, "r+") as f:
+        f.write("[[9, 2], [3, 4]]\n[[5, 6], [7, 9]]\n")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    r = cv.convert([src], out, workers=1, shard_mb=0.00001)
+    assert r.parsed_bytes == st.st_size and r.groups_reused >= 1
+    assert [arr.tolist() for path, _, arr in _read_dataset(out) if path.endswith("a.jsonl")] == [
+        [[9, 2], [3, 4]], [[5, 6], [7, 9]]]
+    # A new file put in place by rename (a new inode), as cp -p into a temp name and mv would.
+    st = target.stat()
+    tmp = src / "a.jsonl.new"
+    tmp.write_text("[[8, 2], [3, 4]]\n[[5, 6], [7, 8]]\n")
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, target)
+    r = cv.convert([src], out, workers=1, shard_mb=0.00001)
+    assert r.parsed_bytes == st.st_size and r.groups_reused >= 1
+    assert next(arr.tolist() for path, _, arr in _read_dataset(out) if path.endswith("a.jsonl")) == [[8, 2], [3, 4]]
+    assert cv.convert([src], out, workers=1, shard_mb=0.00001).groups_built == 0
+
+
+@pytest.mark.parametrize("damage", [
+    lambda obj: obj.update(format_version=2),
+    lambda obj: obj.update(format_version="1"),
+    lambda obj: obj["shards"][0].update(num_sequences="3"),
+    lambda obj: obj.pop("mean"),
+])
+def test_unreadable_index_is_an_error_and_deletes_nothing(tmp_path, damage):
+    src = tmp_path / "src"
+    _write_corpus(src, n_files=4, records_per_file=9, seed=37)
+    out = tmp_path / "out"
+    cv.convert([src], out, workers=1, shard_mb=0.01)
+    obj = json.loads((out / "index.json").read_text())
+    damage(obj)
+    (out / "index.json").write_text(json.dumps(obj))
+    (out / ".staging-leftover").mkdir()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"index\.json is unreadable .*use --force to rebuild"):
+        cv.convert([src], out, workers=1, shard_mb=0.01)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --force rebuilds; only then are the old files (no longer named by any index) deleted.
+    r = cv.convert([src], out, workers=1, shard_mb=0.01, force=True)
+    index = fmt.read_index(out)
+    assert fmt.verify_dataset(index) == [] and r.num_sequences == index.num_sequences == 4 * 9 - 9 + 1
+    assert {p.name for p in (out / "shards").iterdir()} == {Path(s.file).name for s in index.shards}
+    assert not (out / ".staging-leftover").exists()
+
+
 def test_failed_run_leaves_previous_dataset_untouched(tmp_path):
     src = tmp_path / "src"
     _write_corpus(src, n_files=4, records_per_file=9, seed=13)
@@ -545,31 +723,40 @@ def test_killed_conversion_keeps_old_dataset_and_rerun_completes(tmp_path, hook)
     assert r.num_sequences == len(expected)
 
 
-def test_sigkill_during_a_slow_conversion_is_harmless(tmp_path):
+def test_sigkill_while_shards_are_staged_is_harmless(tmp_path):
     src = tmp_path / "src"
     expected = _write_corpus(src, n_files=6, records_per_file=15, seed=19)
     out = tmp_path / "out"
     cv.convert([src], out, workers=1)
-    old = (out / "index.json").read_bytes()
-    env = dict(os.environ, STREAMTRAIN_TEST_CRASH_AT="never")
-    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(src), str(out), "2"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    # Forced rebuild (shard_mb differs), killed with its whole process group as soon as it has a staging folder.
-    for _ in range(2000):
-        if proc.poll() is not None or any(p.name.startswith(".staging-") for p in out.iterdir()):
-            break
-        import time
-
-        time.sleep(0.002)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    index = fmt.read_index(out)
-    assert fmt.verify_dataset(index) == []
-    if (out / "index.json").read_bytes() == old:
-        _check_matches(out, expected)
-    cv.convert([src], out, workers=1)
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # A forced rebuild (shard_mb differs) that sleeps once its first shard is staged; killed there with its
+    # whole process group.
+    env = dict(os.environ, STREAMTRAIN_TEST_PAUSE_AT="staging", STREAMTRAIN_TEST_PAUSE_S="60")
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(src), str(out), "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        staged = []
+        deadline = time.monotonic() + 60
+        while not staged and proc.poll() is None and time.monotonic() < deadline:
+            staged = [p for d in out.glob(".staging-*") for p in d.glob("shard-*.arrow")]
+            time.sleep(0.01)
+        assert staged and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no staged shard"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert all(p.exists() for p in staged)  # killed while the staging folder held a shard
+    # The old dataset is exactly as it was (the new files are garbage that the next run deletes).
+    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert all((out / rel).read_bytes() == data for rel, data in old.items())
     _check_matches(out, expected)
+    r = cv.convert([src], out, workers=1, shard_mb=0.02)
+    assert r.num_sequences == len(expected)
+    _check_matches(out, expected)
+    assert not list(out.glob(".staging-*"))
+    assert fmt.verify_dataset(fmt.read_index(out)) == []
 
 
 # ---------------------------------------------------------------------------------------------------------

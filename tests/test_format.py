@@ -84,6 +84,48 @@ def test_newer_format_version_refused(tmp_path):
     assert index.num_sequences == 1
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw.update(format_version="1"), "'format_version' must be an integer"),
+    (lambda raw: raw.update(format_version=True), "'format_version' must be an integer"),
+    (lambda raw: raw.update(dim=0), "'dim' must be >= 1"),
+    (lambda raw: raw.update(num_sequences=2.5), "'num_sequences' must be an integer"),
+    (lambda raw: raw.update(shards={}), "'shards' must be a list"),
+    (lambda raw: raw["shards"][0].update(bytes="12"), r"'shards\[0\]\.bytes' must be an integer"),
+    (lambda raw: raw["shards"][0].pop("sha256"), r"shards\[0\] \(missing sha256\)"),
+    (lambda raw: raw["shards"].append([1]), r"malformed shard entry shards\[1\]"),
+    (lambda raw: raw.update(mean=[0.0]), "'mean' must be a list of 2 numbers"),
+    (lambda raw: raw.update(std=None), "'std' must be a list of 2 numbers"),
+    (lambda raw: raw.update(lengths_file=7), "'lengths_file' must be a string"),
+    (lambda raw: raw.update(num_rejected=-1), "'num_rejected' must be >= 0"),
+])
+def test_malformed_index_fields_name_the_file_and_key(tmp_path, damage, message):
+    write_dataset(tmp_path, [np.zeros((3, 2), np.float32)])
+    raw = json.loads((tmp_path / "index.json").read_text())
+    damage(raw)
+    (tmp_path / "index.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=message) as e:
+        F.read_index(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "index.json"))
+
+
+def test_write_shard_is_atomic_and_returns_size_and_checksum(tmp_path, monkeypatch):
+    table = F.sequences_to_table(np.arange(15, dtype=np.float32).reshape(5, 3), np.array([2, 3]), ["a", "b"],
+                                 np.array([1, 2]), 3)
+    size, digest = F.write_shard(tmp_path / "s.arrow", table)
+    assert (size, digest) == ((tmp_path / "s.arrow").stat().st_size, F.file_sha256(tmp_path / "s.arrow"))
+    assert F.open_shard(tmp_path / "s.arrow").equals(table)
+    synced = []
+    real_fsync_dir = F._fsync_dir
+    monkeypatch.setattr(F, "_fsync_dir", lambda folder: (synced.append(folder), real_fsync_dir(folder)))
+    F.write_shard(tmp_path / "t.arrow", table)
+    assert synced == [tmp_path]  # the rename is made durable
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        F.write_shard(tmp_path / "s.arrow", table.slice(0, 1))
+    assert F.open_shard(tmp_path / "s.arrow").equals(table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.arrow", "t.arrow"]
+
+
 def test_verify_names_corrupt_and_truncated_shards(tmp_path):
     rng = np.random.default_rng(4)
     index = write_dataset(tmp_path, _heavy_tailed(rng, 40), shard_bytes=2048)

@@ -68,6 +68,31 @@ def test_inspect_errors_are_one_line(tmp_path):
         assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+def test_inspect_of_a_malformed_index_is_one_line(tmp_path):
+    _dataset(tmp_path / "ds", n=9)
+    raw = json.loads((tmp_path / "ds" / "index.json").read_text())
+    raw["format_version"] = "1"
+    (tmp_path / "ds" / "index.json").write_text(json.dumps(raw))
+    p = subprocess.run([sys.executable, "-m", "streamtrain", "inspect", str(tmp_path / "ds")], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "index.json: key 'format_version' must be an integer" in p.stderr
+
+
+def test_rich_and_text_reports_share_the_length_lines(tmp_path, capsys):
+    from streamtrain.commands.inspect import _print_rich
+
+    _dataset(tmp_path / "ds", n=117)
+    s = summarize(tmp_path / "ds")
+    text = render_text(s)
+    _print_rich(s)
+    rich_out = capsys.readouterr().out
+    L = s.lengths
+    length_line = f"min {L.min}  p50 {L.p50:g}  p90 {L.p90:g}  p99 {L.p99:g}  max {L.max}  mean {L.mean:.1f}"
+    assert length_line in text and length_line in rich_out
+    for lo, hi, c in zip(L.bin_edges[:-1], L.bin_edges[1:], L.counts):
+        assert f"{lo}-{hi - 1}" in rich_out and f"{lo:>7}-{hi - 1:<7} {c:>10,}" in text
+
+
 @pytest.mark.slow
 def test_inspect_never_imports_torch(tmp_path):
     _dataset(tmp_path / "ds", n=9)

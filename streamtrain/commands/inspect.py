@@ -22,7 +22,7 @@ def _print_rich(s) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from streamtrain.summary import _bar
+    from streamtrain.summary import _histogram_rows, _length_line
 
     con = Console()
     head = Table(title=f"dataset {s.root}", show_header=False, box=None)
@@ -35,17 +35,16 @@ def _print_rich(s) -> None:
     head.add_row("rejected", f"{s.num_rejected:,}" + (f" (see {s.rejects_file})" if s.rejects_file else ""))
     if s.num_ignored_files:
         head.add_row("ignored files", f"{s.num_ignored_files:,}")
-    L = s.lengths
-    head.add_row("length", f"min {L.min}  p50 {L.p50:g}  p90 {L.p90:g}  p99 {L.p99:g}  max {L.max}  mean {L.mean:.1f}")
+    head.add_row("length", _length_line(s.lengths))
     con.print(head)
-    if L.counts:
+    rows = _histogram_rows(s.lengths)
+    if rows:
         hist = Table(title="vectors per sequence")
         hist.add_column("length", justify="right")
         hist.add_column("sequences", justify="right")
         hist.add_column("")
-        peak = max(L.counts)
-        for lo, hi, c in zip(L.bin_edges[:-1], L.bin_edges[1:], L.counts):
-            hist.add_row(f"{lo}-{hi - 1}", f"{c:,}", _bar(c, peak))
+        for lo, hi, c, bar in rows:
+            hist.add_row(f"{lo}-{hi}", f"{c:,}", bar)
         con.print(hist)
     shards = Table(title="shards")
     for col in ("file", "sequences", "tokens", "MB", "first_id", "sha256"):

@@ -24,7 +24,7 @@ from streamtrain.convert.commit import STAGING_PREFIX as STAGING_PREFIX
 from streamtrain.convert.pipeline import ON_ERROR_CHOICES, convert
 from streamtrain.convert.plan import MANIFEST_FORMAT as MANIFEST_FORMAT
 from streamtrain.convert.plan import MANIFEST_VERSION as MANIFEST_VERSION
-from streamtrain.convert.records import F32_MAX, RecordError, parse_record
+from streamtrain.convert.records import F32_MAX, F32_OVERFLOW, RecordError, parse_record
 from streamtrain.convert.report import ConvertProgress, ConvertResult
 from streamtrain.convert.sources import list_sources
 from streamtrain.convert.workers import default_workers
@@ -32,6 +32,7 @@ from streamtrain.convert.workers import default_workers
 __all__ = [
     "ON_ERROR_CHOICES",
     "F32_MAX",
+    "F32_OVERFLOW",
     "RecordError",
     "parse_record",
     "ConvertProgress",

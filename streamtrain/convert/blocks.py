@@ -24,7 +24,7 @@ import orjson
 from streamtrain.convert.records import (
     _BOM,
     _NEGATIVE_ZERO_INT,
-    F32_MAX,
+    F32_OVERFLOW,
     RecordError,
     _decode_json,
     _is_json,
@@ -227,7 +227,7 @@ def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
     if values is None or len(values) != int(counts.sum()) * dim:
         return False
     # max/min make no temporaries; only a block that has a bad value pays for locating it.
-    if not (values.max() <= F32_MAX and values.min() >= -F32_MAX):
+    if not (values.max() < F32_OVERFLOW and values.min() > -F32_OVERFLOW):
         return False
     out.num_records += n
     out.num_fast += n
@@ -260,6 +260,7 @@ def _document_records(data: bytes, dim: int, out: _BlockOut, on_error: str, back
         return True
     if _is_json(data) or not _looks_like_json_lines(data):
         return _convert_slow([data], [1], dim, out, on_error)
+    # JSON Lines: every line is its own record with its own reason and line number.
     texts, lines, _ = _split_lines(data, 1)
     return _records_into(texts, lines, dim, out, on_error, backend)
 

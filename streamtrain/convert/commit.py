@@ -93,14 +93,18 @@ def _referenced(out: Path, index: fmt.Index | None) -> set[str]:
 
 
 def _collect_garbage(out: Path, index: fmt.Index | None) -> None:
-    """Delete what a crashed or superseded run left: staging folders and our files the index does not name."""
+    """Delete what a crashed or superseded run left: staging folders and our files the index does not name.
+    Without a readable index only staging folders go: what else is garbage is known once a new index is
+    committed (an index.json this version cannot read may still name every file there)."""
     keep = _referenced(out, index)
     for p in out.iterdir():
         name = p.name
         if name.startswith(STAGING_PREFIX) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file() and name not in keep and _OUR_TOP_FILES.match(name):
+        elif index is not None and p.is_file() and name not in keep and _OUR_TOP_FILES.match(name):
             p.unlink(missing_ok=True)
+    if index is None:
+        return
     shard_dir = out / fmt.SHARD_DIR
     if shard_dir.is_dir():
         for p in shard_dir.iterdir():

@@ -4,6 +4,7 @@ sources → plan (and reuse) → workers → commit.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -57,8 +58,8 @@ def convert(
         raise UserError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
     if dim is not None and dim < 1:
         raise UserError(f"--dim must be >= 1, got {dim}")
-    if not shard_mb > 0:
-        raise UserError(f"--shard-mb must be > 0, got {shard_mb}")
+    if not (math.isfinite(shard_mb) and shard_mb > 0):
+        raise UserError(f"--shard-mb must be a finite number > 0, got {shard_mb}")
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
@@ -76,7 +77,7 @@ def convert(
     partial_bytes = max(_MIN_PARTIAL_BYTES, shard_bytes // 16)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        prev_index, manifest = _load_previous(out)
+        prev_index, manifest = _load_previous(out, force)
         if force:
             manifest = None
         _collect_garbage(out, prev_index)

@@ -10,7 +10,8 @@ order, so the result is bit-identical whether a group is converted by one task o
 parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
 in the staging folder) and then merged into the same shard.
 
-Reuse. A group's key hashes the conversion settings and the (path, size, mtime, byte span) of its inputs; the
+Reuse. A group's key hashes the conversion settings and the (path, size, mtime, inode, ctime, byte span)
+of its inputs; the
 manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
 rejects, so an unchanged group is taken over without parsing it again.
 """
@@ -30,7 +31,7 @@ import orjson
 
 from streamtrain import format as fmt
 from streamtrain.convert.sources import _detect_dim, _is_lines_document, _Source
-from streamtrain.errors import DataError
+from streamtrain.errors import DataError, UserError
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION"]
 
@@ -95,10 +96,12 @@ def _source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
     """How each input file of `groups` is read: "lines" (split at line boundaries) or "document" (whole)."""
     kinds: dict[str, str] = {}
     for g in groups:
-        for src, _, _ in g.nominal:
+        for src, s, e in g.nominal:
             if src.path not in kinds:
+                # A file split over several groups was found to be JSON Lines by `_plan_groups`.
+                split = (s, e) != (0, src.size)
                 big_json = src.kind == "document" and src.size > partial_bytes and _is_lines_document(src)
-                kinds[src.path] = "lines" if src.kind == "lines" or big_json else "document"
+                kinds[src.path] = "lines" if src.kind == "lines" or split or big_json else "document"
     return kinds
 
 
@@ -199,13 +202,19 @@ def _split_partials(g: _Group) -> list[list]:
 # Reuse: the previous run's state
 
 
-def _load_previous(out: Path) -> tuple[fmt.Index | None, dict | None]:
+def _load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
+    """The previous run's index and reuse manifest (None where absent or unusable). An index.json that
+    cannot be read is an error unless `force`: rebuilding would replace a dataset that may be intact."""
     if not fmt.is_dataset(out):
         return None, None
     try:
         index = fmt.read_index(out)
-    except DataError:
-        return None, None
+    except DataError as e:
+        if force:
+            return None, None
+        raise UserError(
+            f"{out}: existing {fmt.INDEX_FILE} is unreadable ({e}); use --force to rebuild the dataset"
+        ) from None
     info = index.extra.get("convert") or {}
     name = info.get("manifest")
     if not name:

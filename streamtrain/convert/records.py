@@ -2,7 +2,8 @@
 records. This is the slow path of convert, and the contract that the fast path (`blocks`) must match.
 
 Records. A `.jsonl` file holds one record per line; a `.json` file (or any explicitly named file) holds one
-record, or JSON Lines when the whole document is not one JSON value. A record is an array of vectors
+record, or JSON Lines when the whole document is not one JSON value and has lines that are (see
+`_looks_like_json_lines`). A record is an array of vectors
 `[[v1..vD], ...]` or an object with a `"sequence"` key holding one. Values are stored as
 `np.float32(float(text))`: parsed to the nearest float64, then rounded to float32.
 """
@@ -16,9 +17,12 @@ import re
 import numpy as np
 import orjson
 
-__all__ = ["F32_MAX", "RecordError", "parse_record"]
+__all__ = ["F32_MAX", "F32_OVERFLOW", "RecordError", "parse_record"]
 
 F32_MAX = float(np.finfo(np.float32).max)
+# Round-to-nearest-even sends |x| >= F32_MAX + half an ulp (2**128 - 2**103) to infinity; anything below it
+# rounds to a finite float32, F32_MAX included. Exactly representable in float64.
+F32_OVERFLOW = 2.0**128 - 2.0**103
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -102,9 +106,9 @@ def _validate_value(seq, dim: int | None) -> np.ndarray:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RecordError(f"vector {i} value {j} (0-based) is {_kind_of(v)}, expected a number")
             f = float(v) if not isinstance(v, int) or abs(v) < 2**1000 else math.inf
-            if not math.isfinite(f) or abs(f) > F32_MAX:
+            if not math.isfinite(f) or abs(f) >= F32_OVERFLOW:
                 raise RecordError(
-                    f"vector {i} value {j} (0-based) = {v!r} overflows float32 (|x| > {F32_MAX:.8g})"
+                    f"vector {i} value {j} (0-based) = {v!r} overflows float32 (rounds beyond ±{F32_MAX:.8g})"
                 )
         if width is None:
             width = len(vec)
@@ -151,13 +155,6 @@ def _split_lines(data: bytes, first_line: int, bom: bool = False, starts: bool =
     return texts, lines, offsets
 
 
-def _first_record_line(data: bytes) -> bytes | None:
-    for text in data.split(b"\n", 64):
-        if text and not text.isspace():
-            return text
-    return None
-
-
 def _is_json(text: bytes) -> bool:
     """Whether `text` is one usable JSON value (as `_decode_json` reads it)."""
     try:
@@ -167,7 +164,39 @@ def _is_json(text: bytes) -> bool:
     return True
 
 
+def _nonblank_lines(data: bytes):
+    """Non-blank lines of `data`, lazily (a document may be large and is usually decided by its first lines)."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        text = data[start:end]
+        if text and not text.isspace():
+            yield text
+        start = end + 1
+
+
+def _is_record(text: bytes) -> bool:
+    try:
+        parse_record(text, None)
+    except RecordError:
+        return False
+    return True
+
+
 def _looks_like_json_lines(data: bytes) -> bool:
-    """A document that is not one JSON value is JSON Lines when its first non-blank line is one on its own."""
-    first = _first_record_line(data)
-    return first is not None and _is_json(first)
+    """Whether `data`, a document that is not one JSON value, is JSON Lines: it has more than one non-blank
+    line, and its first non-blank line is one JSON value on its own or some line is a valid record on its
+    own. A broken single document (truncated, pretty-printed) has no line that is a record by itself, so it
+    stays one reject; a JSON Lines file with a bad first line keeps its good lines."""
+    lines = _nonblank_lines(data)
+    first = next(lines, None)
+    if first is None:
+        return False
+    second = next(lines, None)
+    if second is None:
+        return False
+    if _is_json(first) or _is_record(second):
+        return True
+    return any(_is_record(text) for text in lines)

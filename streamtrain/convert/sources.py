@@ -15,7 +15,6 @@ from typing import Iterator, Sequence
 from streamtrain.convert.records import (
     _BOM,
     RecordError,
-    _first_record_line,
     _is_json,
     _looks_like_json_lines,
     _split_lines,
@@ -34,9 +33,13 @@ class _Source:
     size: int
     mtime_ns: int
     kind: str  # "lines" (.jsonl) or "document" (.json and explicitly named files)
+    # A rewrite that keeps the size and restores the mtime (cp -p, rsync -t) still changes the inode (a new
+    # file) or the ctime (in place): no call can set ctime back, so (size, mtime, inode, ctime) catches it.
+    inode: int = 0
+    ctime_ns: int = 0
 
     def fingerprint(self) -> list:
-        return [self.path, self.size, self.mtime_ns]
+        return [self.path, self.size, self.mtime_ns, self.inode, self.ctime_ns]
 
 
 def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = None) -> tuple[list[_Source], int]:
@@ -72,23 +75,52 @@ def _add_source(found: dict, path: str) -> None:
         st = os.stat(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    found[path] = _Source(path, st.st_size, st.st_mtime_ns, "lines" if path.endswith(".jsonl") else "document")
+    kind = "lines" if path.endswith(".jsonl") else "document"
+    found[path] = _Source(path, st.st_size, st.st_mtime_ns, kind, st.st_ino, st.st_ctime_ns)
 
 
 def _is_lines_document(src: _Source) -> bool:
-    """Whether a big .json file is JSON Lines (so it can be split at line boundaries)."""
+    """Whether a big .json file is JSON Lines (so it can be split at line boundaries), decided exactly as
+    `blocks._document_records` decides for the whole text. Reads only up to the end of the first non-blank
+    line (and the start of the next one) unless that line is not JSON on its own."""
+    parts: list[bytes] = []
+    first_end = -1  # offset in the joined head of the "\n" that ends the first non-blank line
+    offset = 0  # bytes in `parts`
+    content = False  # whether a non-blank byte was seen
+    more_after_first = False
     with open(src.path, "rb") as f:
-        head = f.read(1 << 20)
-        while b"\n" not in head.lstrip(_BOM + b" \t\r\n") and len(head) < src.size:
-            more = f.read(1 << 20)
-            if not more:
+        while chunk := f.read(1 << 20):
+            if not parts and chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM):]
+            parts.append(chunk)
+            pos = 0
+            if not content:
+                stripped = chunk.lstrip()
+                if not stripped:
+                    offset += len(chunk)
+                    continue
+                content = True
+                pos = len(chunk) - len(stripped)
+            if first_end < 0:
+                i = chunk.find(b"\n", pos)
+                if i < 0:
+                    offset += len(chunk)
+                    continue
+                first_end = offset + i
+                pos = i + 1
+            # Only the new chunk is searched: is there anything but white space after the first line?
+            if chunk[pos:].strip():
+                more_after_first = True
                 break
-            head += more
-    if head.startswith(_BOM):
-        head = head[len(_BOM):]
-    first = _first_record_line(head)
-    # A first line that is the whole text is one document, not JSON Lines.
-    return first is not None and len(first) < len(head.rstrip()) and _is_json(first)
+            offset += len(chunk)
+    if not content or not more_after_first:
+        return False  # blank, or one line that is the whole text: one document
+    first = b"".join(parts)[:first_end].strip()
+    if _is_json(first):
+        return True  # a whole value followed by more text: not one JSON value, and JSON Lines
+    # The first line is not JSON: decide on the whole text (a rare, broken file; read once more).
+    data = _read_range(src.path, 0, src.size).removeprefix(_BOM)
+    return not _is_json(data) and _looks_like_json_lines(data)
 
 
 def _read_range(path: str, start: int, end: int) -> bytes:
@@ -127,18 +159,23 @@ def _iter_record_texts(src: _Source) -> Iterator[bytes]:
         elif _looks_like_json_lines(data):
             yield from _split_lines(data, 1)[0]
         return
-        return
     with open(src.path, "rb") as f:
-        rest = b""
+        pending: list[bytes] = []  # pieces of the line being read (a line may span many chunks)
         first = True
         while chunk := f.read(1 << 20):
             if first and chunk.startswith(_BOM):
                 chunk = chunk[len(_BOM):]
             first = False
-            rest += chunk
-            *complete, rest = rest.split(b"\n")
+            if b"\n" not in chunk:
+                pending.append(chunk)
+                continue
+            *complete, tail = chunk.split(b"\n")
+            pending.append(complete[0])
+            complete[0] = b"".join(pending)
+            pending = [tail]
             for text in complete:
                 if text and not text.isspace():
                     yield text
+        rest = b"".join(pending)
         if rest and not rest.isspace():
             yield rest

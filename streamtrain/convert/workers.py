@@ -9,6 +9,7 @@ import gc
 import multiprocessing
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
     crash_after = int(os.environ.get("STREAMTRAIN_TEST_CRASH_AFTER_SHARDS", "0") or 0)
     results: dict[int, _TaskResult] = {}
     merged: dict[int, tuple[int, str]] = {}
+    failed: list[int] = []  # task ids of tasks that hit a reject under --on-error fail
     shards_written = 0
     build_bytes = sum(groups[i].nominal_bytes for i in build)
     n_procs = min(workers, len(specs))
@@ -88,54 +90,66 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
         nonlocal shards_written
         results[r.task_id] = r
         if r.failed:
-            raise _Abort()
+            failed.append(r.task_id)
+            return
         files = sum(1 for seg in specs[r.task_id].segments if seg[2] == sizes[seg[0]])
         progress.advance(r.parsed_bytes, r.num_records, files)
         if r.out_path and specs[r.task_id].final:
             shards_written += 1
             if crash_after and shards_written >= crash_after:
                 os._exit(86)
+            if shards_written == 1:
+                _pause_point("staging")
+
+    def first_failure_known() -> bool:
+        # Task ids follow input order and a failed task stops at its first reject, so once every task before
+        # the earliest failed one has finished, that task's reject is the first bad record of the run,
+        # whatever the number of workers or the order in which tasks finish.
+        return bool(failed) and all(i in results for i in range(min(failed)))
 
     progress.start(build_bytes, num_files, total_bytes - build_bytes)
-    try:
-        if n_procs <= 1:
-            was_enabled = gc.isenabled()
-            gc.disable()
-            try:
-                for spec in specs:
-                    on_result(_run_task(spec))
+    if n_procs <= 1:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for spec in specs:
+                on_result(_run_task(spec))
+                if failed:
+                    break
+            else:
                 for gi, ids in pieces_of.items():
-                    merged[gi] = _merge_one(results, ids, staging, token, gi, dim)
-            finally:
-                if was_enabled:
-                    gc.enable()
-        else:
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            # Workers are forked before any progress thread starts.
-            with ctx.Pool(n_procs, initializer=_worker_init) as pool:
-                pending_merges = {}
-                # Largest tasks first, so the last ones to finish are small (results are keyed by task id,
-                # so the order of execution changes nothing in the output).
-                by_size = sorted(specs, key=lambda s: -sum(seg[2] - seg[1] for seg in s.segments))
-                for r in pool.imap_unordered(_run_task, by_size):
-                    on_result(r)
-                    for gi, ids in pieces_of.items():
-                        if gi not in pending_merges and all(i in results for i in ids):
-                            paths = [results[i].out_path for i in ids if results[i].out_path]
-                            out_path = _shard_path(staging, token, gi)
-                            pending_merges[gi] = pool.apply_async(_merge_pieces, (paths, out_path, dim)) if paths else None
+                    job = _merge_job(results, ids, staging, token, gi)
+                    merged[gi] = (_merge_pieces(*job, dim), job[1]) if job else None
+        finally:
+            if was_enabled:
+                gc.enable()
+    else:
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # Workers are forked before any progress thread starts.
+        with ctx.Pool(n_procs, initializer=_worker_init) as pool:
+            pending_merges = {}
+            # Largest tasks first, so the last ones to finish are small (results are keyed by task id,
+            # so the order of execution changes nothing in the output).
+            by_size = sorted(specs, key=lambda s: -sum(seg[2] - seg[1] for seg in s.segments))
+            for r in pool.imap_unordered(_run_task, by_size):
+                on_result(r)
+                if failed:
+                    if first_failure_known():
+                        break  # leaving the pool terminates the tasks still running
+                    continue
+                for gi, ids in pieces_of.items():
+                    if gi not in pending_merges and all(i in results for i in ids):
+                        job = _merge_job(results, ids, staging, token, gi)
+                        pending_merges[gi] = pool.apply_async(_merge_pieces, (*job, dim)) if job else None
+            if not failed:
                 for gi, job in pending_merges.items():
                     merged[gi] = (job.get(), _shard_path(staging, token, gi)) if job else None
-    except _Abort:
-        failed = [r for r in results.values() if r.rejects]
-        failed.sort(key=lambda r: r.task_id)
-        path, line, reason = failed[0].rejects[0]
-        more = sum(len(r.rejects) for r in failed) - 1
-        extra = f" ({more} more error{'s' if more != 1 else ''} seen)" if more else ""
+    if failed:
+        path, line, reason = results[min(failed)].rejects[0]
         raise DataError(
-            f"{path}:{line}: {reason}{extra}; no dataset written (--on-error skip keeps the valid records "
+            f"{path}:{line}: {reason}; no dataset written (--on-error skip keeps the valid records "
             "and lists every reject in rejects.jsonl)"
-        ) from None
+        )
 
     built: dict[int, _Built] = {}
     for gi in build:
@@ -164,13 +178,14 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
     return built
 
 
-def _merge_one(results, ids, staging, token, gi, dim):
+def _merge_job(results, ids, staging, token, gi) -> tuple[list[str], str] | None:
+    """Arguments of `_merge_pieces` (piece files in order, shard path) for group `gi`; None if nothing was kept."""
     paths = [results[i].out_path for i in ids if results[i].out_path]
-    if not paths:
-        return None
-    out_path = _shard_path(staging, token, gi)
-    return _merge_pieces(paths, out_path, dim), out_path
+    return (paths, _shard_path(staging, token, gi)) if paths else None
 
 
-class _Abort(Exception):
-    pass
+def _pause_point(name: str) -> None:
+    """Test hook: STREAMTRAIN_TEST_PAUSE_AT=name sleeps here (STREAMTRAIN_TEST_PAUSE_S, default 60 s), so a
+    test can kill the process at a known moment (e.g. "staging": after the first shard is staged)."""
+    if os.environ.get("STREAMTRAIN_TEST_PAUSE_AT") == name:
+        time.sleep(float(os.environ.get("STREAMTRAIN_TEST_PAUSE_S", "60")))
