@@ -65,6 +65,10 @@ def test_gather_copies_windows_and_leaves_padding_alone(dataset):
     for j, (i, o, n) in enumerate(zip(ids, offsets, lengths)):
         assert np.array_equal(out[j, :n], seqs[i][o : o + n])
         assert (out[j, n:] == 7.0).all()
+    reader.gather(out, ids, offsets, lengths, zero_padding=True)  # e.g. a reused buffer
+    for j, (i, o, n) in enumerate(zip(ids, offsets, lengths)):
+        assert np.array_equal(out[j, :n], seqs[i][o : o + n])
+        assert not out[j, n:].any()
 
 
 def test_views_honour_record_batches_and_array_offsets():

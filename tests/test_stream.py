@@ -1,4 +1,6 @@
+import os
 import pickle
+import signal
 from collections import Counter
 
 import numpy as np
@@ -7,7 +9,9 @@ import torch
 from conftest import write_dataset
 
 from streamtrain.data import Batch, Loader, ShardStream, make_loader
+from streamtrain.data.bucketing import window_items
 from streamtrain.data.shm import BatchRing
+from streamtrain.data.stream import _SlotBatch, _SlotGroup
 from streamtrain.errors import DataError, UserError
 from streamtrain.format import read_index
 
@@ -185,21 +189,48 @@ def test_resume_with_another_num_workers_is_exact(data):
     _assert_same(nxt, _run(make_loader(ds, num_workers=0)))
 
 
-def test_resume_with_another_world_size_continues_the_global_position(data):
+@pytest.mark.parametrize("old_world, new_world, per_rank_done", [(2, 3, 4), (3, 2, 5), (2, 3, 5)])
+def test_resume_with_another_world_size_continues_the_global_position(data, old_world, new_world, per_rank_done):
     root, _ = data
-    loaders = [make_loader(_stream(root, seed=7, rank=r, world_size=2), num_workers=0) for r in range(2)]
-    for loader in loaders:
-        _run(loader, limit=4)
+    loaders = [make_loader(_stream(root, seed=7, rank=r, world_size=old_world), num_workers=0)
+               for r in range(old_world)]
+    taken = [b for loader in loaders for b in _run(loader, limit=per_rank_done)]
     state = loaders[0].state_dict()
-    assert state["global_batches_done"] == 8
-    ds3 = _stream(root, seed=7, rank=1, world_size=3)
-    resumed = make_loader(ds3, num_workers=0)
-    resumed.load_state_dict(state)
-    assert resumed.batches_done == 8 // 3
-    plan = ds3.plan(0)
-    first = _run(resumed, limit=1)[0]
-    items, _ = plan.batch(int(ds3.rank_batches()[8 // 3]))
-    assert first.ids.tolist() == ds3.items.ids[items].tolist()
+    consumed = per_rank_done * old_world
+    assert state["global_batches_done"] == consumed
+    rest = []
+    for r in range(new_world):
+        ds = _stream(root, seed=7, rank=r, world_size=new_world)
+        resumed = make_loader(ds, num_workers=0)
+        resumed.load_state_dict(state)
+        assert (resumed.epoch, resumed.batches_done) == (0, consumed // new_world)
+        rest += _run(resumed)
+        assert (resumed.epoch, resumed.batches_done) == (1, 0)
+    # every batch of the epoch's global list (items as sets: a batch is one plan segment)
+    plan = ds.plan(0)
+    epoch_batches = Counter(
+        tuple(sorted((int(i), int(o)) for i, o in zip(ds.items.ids[plan.batch(b)[0]], ds.items.offsets[plan.batch(b)[0]])))
+        for b in range(plan.num_batches)
+    )
+    assert max(epoch_batches.values()) == 1
+    seen = Counter(tuple(sorted(zip(b.ids.tolist(), b.offsets.tolist()))) for b in taken + rest)
+    assert set(seen) == set(epoch_batches)  # none skipped, nothing from elsewhere
+    # the new world's padding to a multiple of W' repeats batches from the start of the list, as any epoch
+    # does; the resume itself repeats at most W' - 1
+    padding = -(-plan.num_batches // new_world) * new_world - plan.num_batches
+    repeated = sum(seen.values()) - len(seen)
+    assert repeated == padding + consumed % new_world <= padding + new_world - 1
+
+
+def test_iterating_the_stream_directly_yields_the_rest_of_the_current_epoch(data):
+    root, _ = data
+    reference = _run(make_loader(_stream(root, seed=12), num_workers=0))
+    ds = _stream(root, seed=12)
+    loader = make_loader(ds, num_workers=0)
+    _run(loader, limit=5)
+    _assert_same(list(ds), reference[5:])
+    assert (ds.epoch, ds.batches_done) == (0, 5)  # direct iteration does not move the position
+    _assert_same(_run(loader), reference[5:])
 
 
 def test_set_epoch_keeps_a_resumed_position_and_restarts_otherwise(data):
@@ -242,6 +273,28 @@ def test_stream_pickles_small_before_reading(data):
     _assert_same([next(iter(clone))], [next(iter(ds))])
 
 
+@pytest.mark.parametrize("kw", [{}, {"max_tokens": 1024}, {"ids": np.arange(1, NUM_SEQUENCES)},
+                                {"ids": np.arange(NUM_SEQUENCES)}])
+def test_items_are_the_windows_as_int64_and_pickle_at_four_bytes_each_when_implicit(data, kw):
+    root, _ = data
+    ds = _stream(root, **kw)
+    lengths = read_index(root).lengths()
+    ids = kw.get("ids", np.arange(NUM_SEQUENCES))
+    expected = window_items(lengths[ids], ds.max_len, ids)
+    for name in ("ids", "offsets", "lengths"):
+        got = getattr(ds.items, name)
+        assert got.dtype == np.int64 and np.array_equal(got, getattr(expected, name)), name
+    assert ds.num_items == len(ds.items) == len(expected)
+    unwindowed_all = ds.max_len >= lengths.max() and len(ids) == NUM_SEQUENCES
+    # the stream a worker receives: one int32 per item when ids and offsets are implicit
+    compact = [ds._item_lengths] + [a for a in (ds._item_ids, ds._item_offsets) if a is not None]
+    assert all(a.dtype == np.int32 for a in compact)
+    assert len(compact) == (1 if unwindowed_all else 3)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._items is None
+    _assert_same(list(clone), _run(make_loader(ds, num_workers=0)))
+
+
 def test_batch_moves_and_pin_memory_flag_is_ignored_without_cuda(data):
     root, _ = data
     loader = make_loader(_stream(root), num_workers=0, pin_memory=True)
@@ -280,6 +333,8 @@ def test_stream_checks_shard_files_and_arguments_up_front(data, tmp_path):
         _stream(root, max_len=MAX_TOKENS + 8)
     with pytest.raises(UserError, match="rank"):
         _stream(root, rank=2, world_size=2)
+    with pytest.raises(UserError, match="seed"):
+        _stream(root, seed=-1)
 
 
 # -- hand-over from workers through the shared-memory ring ---------------------------------------------
@@ -320,7 +375,75 @@ def test_worker_batches_reuse_ring_slots_across_epochs_and_equal_in_process_ones
         assert all(b.x.dtype == torch.float32 and b.mask.dtype == torch.bool and b.ids.dtype == torch.int64
                    for b in got[e])
     assert all(not b.x.is_shared() for b in got[0])  # copied out: users may keep batches
+    # slots are reused (the ring is smaller than an epoch) and only the padding is zeroed: it is exactly zero
+    assert all(not b.x[~b.mask].any() for e in range(2) for b in got[e])
     assert (loader.epoch, loader.batches_done) == (2, 0)
+
+
+def test_a_killed_worker_fails_one_iteration_and_the_next_resumes_from_the_position(data):
+    root, _ = data
+    loader = make_loader(_stream(root, seed=11), num_workers=2, prefetch_factor=1, persistent_workers=True)
+    assert len(loader) > 20
+    _run(loader)  # a whole epoch first: the workers are persistent ones being reused
+    it = iter(loader)
+    taken = [next(it) for _ in range(3)]
+    victim = loader._dataloader._iterator._workers[0].pid
+    # DataLoader reports the death from next() or from its SIGCHLD handler, wherever the main thread is
+    with pytest.raises(RuntimeError, match="worker"):
+        os.kill(victim, signal.SIGKILL)
+        for batch in it:
+            taken.append(batch)
+    it.close()
+    assert (loader.epoch, loader.batches_done) == (1, len(taken))
+    state = loader.state_dict()
+    rest = _run(loader)
+    fresh = make_loader(_stream(root, seed=11), num_workers=0)
+    fresh.load_state_dict(state)
+    _assert_same(rest, _run(fresh))
+    ds = _stream(root, seed=11)
+    ds.set_epoch(1)
+    _assert_same(taken + rest, _run(make_loader(ds, num_workers=0)))  # nothing lost, nothing repeated
+    assert (loader.epoch, loader.batches_done) == (2, 0)
+    # and the epoch after runs on the fresh workers too
+    ds.set_epoch(2)
+    _assert_same(_run(loader), _run(make_loader(ds, num_workers=0)))
+
+
+def test_taking_a_batch_from_a_reused_slot_raises():
+    ring = BatchRing(num_workers=1, slots_per_worker=1, slot_floats=2 * 4 * 3)
+    generation = ring.start(0)
+    slot, seq = ring.claim(0, generation)
+    rows = np.array([4, 2])
+    stale = _SlotBatch(ring.token, 0, slot, seq, 4, 3, rows, np.array([0, 1]), np.array([0, 0]))
+    ring.release(0, slot, seq)
+    assert ring.claim(0, generation) == (slot, seq + 1)
+    with pytest.raises(RuntimeError, match="reused"):
+        stale.take()
+
+
+def test_slot_groups_take_and_pin_every_batch(monkeypatch):
+    ring = BatchRing(num_workers=1, slots_per_worker=2, slot_floats=2 * 4 * 3)
+    generation = ring.start(0)
+    batches = []
+    for n in (3, 1):
+        slot, seq = ring.claim(0, generation)
+        ring.slot(0, slot, (2, 4, 3))[:] = 0
+        ring.slot(0, slot, (2, 4, 3))[0, :n] = n
+        batches.append(_SlotBatch(ring.token, 0, slot, seq, 4, 3, np.array([n, 0]), np.array([7, 8]), np.array([0, 0])))
+    group = pickle.loads(pickle.dumps(_SlotGroup(batches)))  # as DataLoader hands it over
+    # pinning needs CUDA: stand in an identity so that the pin path itself runs
+    pinned = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    got = group.pin_memory()
+    assert [b.lengths.tolist() for b in got] == [[3, 0], [1, 0]]
+    for b, n in zip(got, (3, 1)):
+        assert (b.x[0, :n] == n).all() and not b.x[0, n:].any() and not b.x[1].any()
+        assert torch.equal(b.mask, torch.arange(4)[None, :] < b.lengths[:, None])
+        assert b.ids.tolist() == [7, 8]
+    assert len(pinned) == 2 * 4  # mask, lengths, ids, offsets of each batch
+    assert not ring._views()[1].any()  # both slots freed
 
 
 @pytest.mark.parametrize("persistent", [True, False])

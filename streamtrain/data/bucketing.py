@@ -34,7 +34,6 @@ __all__ = [
     "plan_epoch",
     "deal_batches",
     "pad_fraction",
-    "lag1_autocorrelation",
     "split_ids",
 ]
 
@@ -174,7 +173,9 @@ def plan_epoch(
     the members of a batch are a random draw from their bucket), then the batch order permuted with the same
     generator. shuffle=False: item order, buckets ascending, the same plan for every epoch.
     """
-    item_lengths = np.asarray(item_lengths, dtype=np.int64)
+    item_lengths = np.asarray(item_lengths)
+    if item_lengths.dtype.kind not in "iu":  # int32 lengths (a compact copy) are used as they are
+        item_lengths = item_lengths.astype(np.int64)
     bounds = np.asarray(bounds, dtype=np.int64)
     if len(item_lengths) and item_lengths.max() > bounds[-1]:
         raise ValueError(f"an item of length {item_lengths.max()} exceeds the largest bucket bound {bounds[-1]}")
@@ -225,14 +226,6 @@ def pad_fraction(item_lengths: np.ndarray, plan: Plan) -> float:
     sizes = np.diff(plan.starts)
     padded = float((sizes * plan.padded_len).sum())
     return 1.0 - float(np.asarray(item_lengths).sum()) / padded if padded else 0.0
-
-
-def lag1_autocorrelation(values: np.ndarray) -> float:
-    """Pearson correlation of consecutive values (0 for a constant or too-short series)."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 3 or v.std() == 0:
-        return 0.0
-    return float(np.corrcoef(v[:-1], v[1:])[0, 1])
 
 
 def split_ids(num_sequences: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

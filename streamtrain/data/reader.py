@@ -141,10 +141,12 @@ class ShardReader:
         vectors, start, end = self._shard(s).locate(i - self._shard_first_list[s])
         return vectors[start:end]
 
-    def gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    def gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+               zero_padding: bool = False) -> None:
         """Copy window [offsets[j], offsets[j] + lengths[j]) of sequence ids[j] into out[j, :lengths[j]].
 
-        `out` is (B, T, D) and is not touched past each row's length (the caller zeroes the padding).
+        `out` is (B, T, D). Past each row's length it is zeroed when `zero_padding`, else not touched (for
+        an `out` that is zero already): either way every element is written at most once.
         """
         ids = np.asarray(ids, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -171,5 +173,8 @@ class ShardReader:
                 source[csel] = len(arrays)
                 arrays.append(views.vectors[c])
         assert (starts + lengths <= ends).all(), "window runs past the end of its sequence"
+        width = out.shape[1]
         for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
             out[j, :n] = arrays[a][start : start + n]
+            if zero_padding and n < width:
+                out[j, n:] = 0

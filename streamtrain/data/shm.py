@@ -32,7 +32,7 @@ import weakref
 import numpy as np
 import torch
 
-__all__ = ["BatchRing"]
+__all__ = ["BatchRing", "shared_tensor"]
 
 # Rings of this process by token, so that batch metadata unpickled in the main process (possibly in
 # DataLoader's pin-memory thread) finds the memory it points into.
@@ -41,7 +41,7 @@ _TOKENS = itertools.count(1)
 _WAIT_S = 0.0005
 
 
-def _shared(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def shared_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed 1-d tensor in a new shared-memory segment: its pages are zero-filled by the kernel when
     first touched, so nothing is written (or copied) up front."""
     storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
@@ -57,9 +57,9 @@ class BatchRing:
         self.num_workers = num_workers
         self.slots_per_worker = slots_per_worker
         self.slot_floats = slot_floats
-        self._data = _shared(num_workers * slots_per_worker * slot_floats, torch.float32)
-        self._state = _shared(num_workers * slots_per_worker, torch.int64)
-        self._generation = _shared(1, torch.int64)
+        self._data = shared_tensor(num_workers * slots_per_worker * slot_floats, torch.float32)
+        self._state = shared_tensor(num_workers * slots_per_worker, torch.int64)
+        self._generation = shared_tensor(1, torch.int64)
         self._np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._next_seq = 1  # per process: only the worker owning a region numbers its batches
         self._parent_pid: int | None = None

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.reader import ShardReader
-from streamtrain.data.shm import BatchRing
+from streamtrain.data.shm import BatchRing, shared_tensor
 from streamtrain.errors import DataError, UserError
 from streamtrain.format import Index, read_index
 
@@ -147,6 +147,8 @@ class ShardStream(IterableDataset):
                 f"max_len={max_len} must be in [2, {longest}] (max_tokens={max_tokens} rounded down to a multiple "
                 f"of pad_multiple={pad_multiple}, so that one padded row fits a batch)"
             )
+        if int(seed) < 0:
+            raise UserError(f"seed must be >= 0, got {seed}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
         self.index: Index = read_index(root)
@@ -164,16 +166,27 @@ class ShardStream(IterableDataset):
 
         lengths = self.index.lengths()
         if ids is None:
-            self.items = bucketing.window_items(lengths, self.max_len)
+            items = bucketing.window_items(lengths, self.max_len)
         else:
             ids = np.unique(np.asarray(ids, dtype=np.int64))
             if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
                 raise UserError(f"ids must be in [0, {self.index.num_sequences}), got {ids[0]}..{ids[-1]}")
-            self.items = bucketing.window_items(lengths[ids], self.max_len, ids)
-        self.bounds = bucketing.bucket_bounds(self.items.lengths, self.pad_multiple, max_shapes)
+            items = bucketing.window_items(lengths[ids], self.max_len, ids)
+        # The items travel pickled into every DataLoader worker, and a dataset may hold 100M sequences:
+        # kept compact (int32 where the values fit; ids and offsets implicit when they are 0..N-1 and 0).
+        self._num_items = len(items)
+        self._item_lengths = _compact(items.lengths)
+        # every sequence once, in id order, unwindowed (windows add items, so equal counts mean none)
+        everything = ids is None or len(ids) == self.index.num_sequences
+        identity = everything and len(items) == self.index.num_sequences
+        self._item_ids = None if identity else _compact(items.ids)
+        self._item_offsets = _compact(items.offsets) if items.offsets.any() else None
+        self.bounds = bucketing.bucket_bounds(items.lengths, self.pad_multiple, max_shapes)
+        del items
+        self._items: bucketing.Items | None = None  # the int64 form for callers, built on first use
         # Batch counts per bucket do not depend on the shuffle, so they are the same in every epoch.
         self._num_global_batches = bucketing.plan_epoch(
-            self.items.lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False, max_sequences=self.max_sequences
+            self._item_lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False, max_sequences=self.max_sequences
         ).num_batches
         self._num_batches = len(
             bucketing.deal_batches(self._num_global_batches, 0, self.world_size, self.drop_last)
@@ -202,7 +215,24 @@ class ShardStream(IterableDataset):
         state = self.__dict__.copy()
         state["_reader"] = None
         state["_plan_cache"] = None
+        state["_items"] = None
         return state
+
+    @property
+    def items(self) -> bucketing.Items:
+        """What the plan batches (int64 arrays; batch item indices of `plan()` index into them)."""
+        if self._items is None:
+            n = self._num_items
+            self._items = bucketing.Items(
+                np.arange(n, dtype=np.int64) if self._item_ids is None else self._item_ids.astype(np.int64),
+                np.zeros(n, np.int64) if self._item_offsets is None else self._item_offsets.astype(np.int64),
+                self._item_lengths.astype(np.int64),
+            )
+        return self._items
+
+    @property
+    def num_items(self) -> int:
+        return self._num_items
 
     # -- sizes and position ---------------------------------------------------------------------------
 
@@ -249,7 +279,7 @@ class ShardStream(IterableDataset):
         """The global batch list of `epoch` (cached for the last epoch asked)."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             plan = bucketing.plan_epoch(
-                self.items.lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle, self.max_sequences
+                self._item_lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle, self.max_sequences
             )
             self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
@@ -267,13 +297,13 @@ class ShardStream(IterableDataset):
         return self._reader
 
     def _rows(self, item_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """int64 (ids, offsets, lengths) of the rows of a batch."""
-        items = self.items
-        return (
-            items.ids[item_indices].astype(np.int64, copy=False),
-            items.offsets[item_indices].astype(np.int64, copy=False),
-            items.lengths[item_indices].astype(np.int64, copy=False),
+        """int64 (ids, offsets, lengths) of the rows of a batch (new arrays: they become the Batch's)."""
+        idx = np.asarray(item_indices)
+        ids = np.array(idx, dtype=np.int64) if self._item_ids is None else self._item_ids[idx].astype(np.int64)
+        offsets = (
+            np.zeros(len(idx), np.int64) if self._item_offsets is None else self._item_offsets[idx].astype(np.int64)
         )
+        return ids, offsets, self._item_lengths[idx].astype(np.int64)
 
     def make_batch(self, item_indices: np.ndarray, padded_len: int, shared: bool = False) -> Batch:
         """Copy the items into one zero-padded (B, T, D) array; `shared`: allocate it in shared memory so a
@@ -281,14 +311,14 @@ class ShardStream(IterableDataset):
         ids, offsets, lengths = self._rows(item_indices)
         shape = (len(item_indices), padded_len, self.dim)
         if shared:
-            x = _shared_empty(shape)
+            x = shared_tensor(int(np.prod(shape)), torch.float32).view(shape)
             out = x.numpy()
-            out.fill(0)
         else:
             # numpy, not torch.zeros: calloc'd pages, no intra-op thread pool for a 1 MB fill
             out = np.zeros(shape, dtype=np.float32)
             x = torch.from_numpy(out)
-        self.reader.gather(out, ids, offsets, lengths)
+        # padding zeroed explicitly, not left to how the shared-memory allocator hands out pages
+        self.reader.gather(out, ids, offsets, lengths, zero_padding=shared)
         return _assemble(x, lengths, ids, offsets)
 
     def _slot_batch(self, ring: BatchRing, worker: int, generation: int, item_indices: np.ndarray,
@@ -300,25 +330,37 @@ class ShardStream(IterableDataset):
         slot, seq = claimed
         ids, offsets, lengths = self._rows(item_indices)
         out = ring.slot(worker, slot, (len(item_indices), padded_len, self.dim))
-        out.fill(0)
-        self.reader.gather(out, ids, offsets, lengths)
+        # the slot holds an earlier batch: the rows are overwritten and the padding zeroed, each once
+        self.reader.gather(out, ids, offsets, lengths, zero_padding=True)
         return _SlotBatch(ring.token, worker, slot, seq, padded_len, self.dim, lengths, ids, offsets)
 
     def __iter__(self):
         # Not a generator function: the start is read now, when DataLoader (re)starts the worker, not at
         # the first batch, by which time the main process may have moved on.
         info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        epoch, start = (int(v) for v in self._iteration_start.tolist())
+        if info is None:
+            # in this process the position itself is current (a Loader moves it without publishing)
+            worker, num_workers = 0, 1
+            epoch, start = self._epoch, self._batches_done
+        else:
+            worker, num_workers = info.id, info.num_workers
+            epoch, start = (int(v) for v in self._iteration_start.tolist())
         if info is not None and self._ring is not None:
             return self._slot_batches(self._ring, epoch, start, worker, num_workers)
         return self._batches(epoch, start, worker, num_workers, shared=info is not None)
 
-    def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
+    def _worker_blocks(self, epoch: int, start: int, worker: int, num_workers: int, block: int):
+        """This worker's share of the rank's stream from batch `start` on: blocks of up to `block`
+        consecutive batches (lists of (item indices, padded T)), block j of the iteration to worker
+        j % num_workers. DataLoader hands worker outputs over round-robin in order, so the main process
+        sees the same sequence as from one process."""
         plan = self.plan(epoch)
         mine = self.rank_batches()
-        for k in range(start + worker, len(mine), num_workers):
-            items, padded_len = plan.batch(int(mine[k]))
+        for first in range(start + worker * block, len(mine), num_workers * block):
+            yield [plan.batch(int(mine[k])) for k in range(first, min(first + block, len(mine)))]
+
+    def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
+        for (items, padded_len), in self._worker_blocks(epoch, start, worker, num_workers, 1):
             yield self.make_batch(items, padded_len, shared=shared)
 
     def _slot_batches(self, ring: BatchRing, epoch: int, start: int, worker: int, num_workers: int):
@@ -329,20 +371,22 @@ class ShardStream(IterableDataset):
 
     def _slot_batch_gen(self, ring: BatchRing, generation: int, epoch: int, start: int, worker: int,
                         num_workers: int):
-        # Blocks of BATCHES_PER_MESSAGE consecutive batches, dealt round-robin: DataLoader hands the
-        # blocks over in order, so the main process sees the same sequence as from one process.
-        plan = self.plan(epoch)
-        mine = self.rank_batches()
-        block = BATCHES_PER_MESSAGE
-        for first in range(start + worker * block, len(mine), num_workers * block):
+        for block in self._worker_blocks(epoch, start, worker, num_workers, BATCHES_PER_MESSAGE):
             group = []
-            for k in range(first, min(first + block, len(mine))):
-                items, padded_len = plan.batch(int(mine[k]))
+            for items, padded_len in block:
                 batch = self._slot_batch(ring, worker, generation, items, padded_len)
                 if batch is None:
                     return
                 group.append(batch)
             yield _SlotGroup(group)
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """int64 `values` as int32 when they fit (a copy either way: not a view of a larger array)."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(values) == 0 or (values.min() >= 0 and values.max() < 2**31):
+        return values.astype(np.int32)
+    return values.copy()
 
 
 def _assemble(x: torch.Tensor, lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> Batch:
@@ -384,7 +428,8 @@ class _SlotBatch:
         # checked after the copy: the slot held this batch throughout
         intact = ring.holds(self.worker, self.slot, self.seq)
         ring.release(self.worker, self.slot, self.seq)
-        assert intact, f"batch slot {self.worker}/{self.slot} was reused before it was taken"
+        if not intact:
+            raise RuntimeError(f"batch slot {self.worker}/{self.slot} was reused before it was taken")
         batch = _assemble(x, self.lengths, self.ids, self.offsets)
         if pin:  # x is pinned already; the small tensors are pinned as Batch.pin_memory would
             batch = Batch(x=x, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(Batch) if f.name != "x"})
@@ -414,18 +459,14 @@ class _SlotGroup:
         return self.take(pin=True)
 
 
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-
-
 class Loader:
     """A DataLoader over a ShardStream that keeps the stream's position; iterate it once per epoch.
 
     state_dict() -> {"epoch", "batches_done", "global_batches_done", "seed", "world_size", "num_batches",
     "num_items"}: the next batch after load_state_dict() is exactly the next batch the saved loader would
     have yielded (also with another num_workers; with another world_size see the module docstring).
+    An iteration that fails (a DataError, a worker that died) discards its workers; the next iteration
+    starts fresh ones at the batch after the last one yielded.
     """
 
     def __init__(self, dataset: ShardStream, **dataloader_kwargs):
@@ -451,21 +492,34 @@ class Loader:
         ds = self.dataset
         if self._dataloader is None:
             self._dataloader = DataLoader(ds, batch_size=None, **self._kwargs)
+        kept = getattr(self._dataloader, "_iterator", None)
+        if kept is not None and not all(w.is_alive() for w in getattr(kept, "_workers", ())):
+            # persistent workers of which one died (the failure may have surfaced outside next(), e.g. in
+            # DataLoader's SIGCHLD handler): restarting them would wait for the dead one
+            self._discard(ds._ring, kept)
         ring = self._prepare_ring(self._dataloader)
         epoch = ds.epoch
         ds._publish_position()  # read by the stream's __iter__ (in each worker) when iter() starts them
-        it = iter(self._dataloader)
+        try:
+            it = iter(self._dataloader)
+        except Exception:
+            self._discard(ring, getattr(self._dataloader, "_iterator", None))
+            raise
         try:
             while True:
                 try:
                     batch = next(it)
                 except StopIteration:
                     return
-                except DataError as e:
-                    if ring is not None:
-                        ring.new_generation()  # a worker waiting for a slot stops, so shutdown is quick
-                    self._close_workers(it)
-                    raise DataError(_worker_message(str(e))) from None
+                except Exception as e:
+                    # Any failure (a DataError, a worker that died) leaves the iterator unusable; a
+                    # persistent one would be reused by the next iteration and fail again. Discard it:
+                    # the next iteration starts fresh workers from the position, which only moves on a
+                    # yielded batch.
+                    self._discard(ring, it)
+                    if isinstance(e, DataError):
+                        raise DataError(_worker_message(str(e))) from None
+                    raise
                 if isinstance(batch, _SlotGroup):
                     batch = batch.take()
                 for b in batch if isinstance(batch, list) else (batch,):
@@ -494,9 +548,14 @@ class Loader:
         ds._ring.new_generation()
         return ds._ring
 
-    def _close_workers(self, it) -> None:
-        # Left to garbage collection, workers of a failed iterator take seconds to join; the next
-        # iteration starts fresh ones.
+    def _discard(self, ring: BatchRing | None, it) -> None:
+        """Drop a failed DataLoader iterator and its workers; the next iteration starts fresh ones (and,
+        with no iterator kept, a fresh ring)."""
+        if ring is not None:
+            ring.new_generation()  # a worker waiting for a slot stops, so shutdown is quick
+        if it is None:
+            return
+        # Left to garbage collection, workers of a failed iterator take seconds to join.
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -512,16 +571,16 @@ class Loader:
             "seed": ds.seed,
             "world_size": ds.world_size,
             "num_batches": ds.num_batches(),
-            "num_items": len(ds.items),
+            "num_items": ds.num_items,
         }
 
     def load_state_dict(self, state: dict) -> None:
         ds = self.dataset
         if state["seed"] != ds.seed:
             raise UserError(f"loader state was saved with seed {state['seed']}, this stream has seed {ds.seed}")
-        if state["num_items"] != len(ds.items):
+        if state["num_items"] != ds.num_items:
             raise UserError(
-                f"loader state was saved for {state['num_items']} items, this stream plans {len(ds.items)} "
+                f"loader state was saved for {state['num_items']} items, this stream plans {ds.num_items} "
                 "(another dataset, ids, or max_len?)"
             )
         if state["world_size"] == ds.world_size:
