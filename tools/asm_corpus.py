@@ -1230,16 +1230,10 @@ def _read_uleb(data: bytes | mmap.mmap, pos: int) -> tuple[int, int]:
 
 
 def _read_sleb(data: bytes | mmap.mmap, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            if byte & 0x40:
-                result -= 1 << shift
-            return result, pos
+    result, end = _read_uleb(data, pos)
+    if data[end - 1] & 0x40:  # sign bit of the last 7-bit group
+        result -= 1 << (7 * (end - pos))
+    return result, end
 
 
 _FIXED_ENCODINGS = {
