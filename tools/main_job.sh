@@ -25,12 +25,12 @@ if $PY tools/asm_corpus.py --check >/dev/null 2>&1; then
     $ST convert "$DATA/asm/val" --out "$DATA/val" --on-error skip
     $ST inspect "$DATA/train"
     echo "== fit (${FIT_SECONDS} s)"
-    $ST fit --data "$DATA/train" --val-data "$DATA/val" --out "$RUN" --amp --epochs 50 --max-seconds "$FIT_SECONDS"
+    $ST fit --data "$DATA/train" --val-data "$DATA/val" --out "$RUN" --amp --epochs 50 --max-seconds "$FIT_SECONDS" --eval-every 100
     echo "== eval on held-out binaries"
     $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/val" --onehot 0:12
 else
     echo "== data: no x86-64 binaries or decoder here; using a synthetic learnable corpus"
-    $ST fit --synthetic 4000,64 --val-fraction 0.1 --out "$RUN" --amp --epochs 50 --max-seconds "$FIT_SECONDS"
+    $ST fit --synthetic 4000,64 --val-fraction 0.1 --out "$RUN" --amp --epochs 50 --max-seconds "$FIT_SECONDS" --eval-every 100
     $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$RUN/synthetic"
 fi
 echo
