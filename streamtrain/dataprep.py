@@ -31,29 +31,17 @@ class TrainData:
     index: Index  # of train_root; its mean/std standardize inputs and targets
 
 
-def _raw_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
-
-
 def _convert_cached(raw: Path, cache_root: Path, is_main: bool) -> Path:
-    """Convert a raw JSON/JSONL folder once into cache_root/<key>, keyed by the files' names, sizes and
-    modification times, so a changed folder is converted again and an unchanged one never twice."""
-    files = _raw_files(raw)
-    if not files:
-        raise UserError(f"--data {raw}: neither a dataset (no index.json) nor a folder of .json/.jsonl files")
-    h = hashlib.sha256(str(raw.resolve()).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(raw)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    out = cache_root / h.hexdigest()[:16]
-    if is_dataset(out) or not is_main:
-        return out
-    from streamtrain import convert as convert_module
+    """Convert a raw JSON/JSONL folder into cache_root/<hash of its path>. convert is incremental, so an
+    unchanged folder is not parsed again and changed or new files are (convert's own change detection)."""
+    out = cache_root / hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:16]
+    if is_main:
+        from streamtrain.convert import convert
 
-    convert_fn = getattr(convert_module, "convert", None)
-    if convert_fn is None:
-        raise UserError(f"--data {raw}: raw JSON folders need `streamtrain convert`, which is not available")
-    convert_fn([str(raw)], str(out))
+        try:
+            convert([raw], out)
+        except UserError as e:
+            raise type(e)(f"--data {raw}: {e}") from None
     return out
 
 

@@ -205,3 +205,34 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     from streamtrain.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints/last.pt")["step"] >= 1
+
+
+def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
+    from streamtrain.format import read_index
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    seqs = _sequences(15)
+    (raw / "a.jsonl").write_text("".join(json.dumps(s.tolist()) + "\n" for s in seqs[:10]))
+    (raw / "b.json").write_text(json.dumps({"sequence": seqs[10].tolist()}))
+    code, captured = _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r1"), "--max-steps", "2")
+    assert code == 0, captured.err
+    caches = list((tmp_path / ".streamtrain-cache").iterdir())
+    assert len(caches) == 1 and read_index(caches[0]).num_sequences == 11
+    shards = lambda: {p.name: p.stat().st_mtime_ns for p in (caches[0] / "shards").iterdir()}  # noqa: E731
+    before = shards()
+
+    # unchanged inputs: the same cache, its shards reused as they are (nothing parsed again)
+    assert _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r2"), "--max-steps", "2")[0] == 0
+    assert shards() == before
+
+    # a new file: converted into the same cache
+    (raw / "c.jsonl").write_text("".join(json.dumps(s.tolist()) + "\n" for s in seqs[11:]))
+    assert _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r3"), "--max-steps", "2")[0] == 0
+    assert list((tmp_path / ".streamtrain-cache").iterdir()) == caches
+    assert read_index(caches[0]).num_sequences == 15
+
+    # a bad record: one line naming --data, the file and the line
+    (raw / "d.jsonl").write_text("[[1, 2]]\n")
+    code, captured = _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r4"), "--max-steps", "2")
+    _assert_one_line_error(code, captured, f"--data {raw}", "d.jsonl:1")
