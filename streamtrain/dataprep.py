@@ -29,6 +29,7 @@ class TrainData:
     val_root: Path | None  # None: no validation
     val_ids: np.ndarray | None
     index: Index  # of train_root; its mean/std standardize inputs and targets
+    val_index: Index | None = None  # of val_root (the same object as index when the split is by id)
 
 
 def _convert_cached(raw: Path, cache_root: Path, is_main: bool) -> Path:
@@ -79,7 +80,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
         raise DataError(f"{train_root}: the dataset holds no sequences")
 
     train_ids = val_ids = None
-    val_root = None
+    val_root = val_index = None
     if d.val_data is not None:
         val_root = resolve_dataset(d.val_data, "--val-data", cache_root, is_main)
         val_index = read_index(val_root)
@@ -95,5 +96,5 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
                 f"--val-fraction {d.val_fraction} leaves {len(train_ids)} training and {len(val_ids)} validation "
                 f"sequences out of {index.num_sequences}; pick a fraction that leaves both non-empty"
             )
-        val_root = train_root
-    return TrainData(Path(train_root), train_ids, val_root, val_ids, index)
+        val_root, val_index = train_root, index
+    return TrainData(Path(train_root), train_ids, val_root, val_ids, index, val_index)

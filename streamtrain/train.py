@@ -18,6 +18,7 @@ Process-group set-up and the per-step control exchange live in `distributed`, th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import signal
@@ -172,7 +173,7 @@ class Trainer:
         if self._has_val:
             if self.dist.is_main:
                 _, self.val_loader = self._make_loader(data.val_root, data.val_ids, shuffle=False, rank=0, world_size=1)
-            self._val_index_mean = data.index.mean if data.val_root == data.train_root else _index(data.val_root).mean
+            self._val_index_mean = data.val_index.mean
 
         self.steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
         if self.steps_per_epoch == 0:
@@ -346,15 +347,10 @@ class Trainer:
             epoch = self.loader.epoch
             if self.max_epochs is not None and epoch >= self.max_epochs:
                 return
-            it = iter(self.loader)
+            it = self._iter_isolated(self.loader)
             while True:
-                group = []
                 t0 = time.perf_counter()
-                for _ in range(K):
-                    try:
-                        group.append(self._next(it))
-                    except StopIteration:
-                        break
+                group = list(itertools.islice(it, K))
                 wait_s = time.perf_counter() - t0
                 if group:
                     yield epoch, group, wait_s
@@ -634,9 +630,3 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _index(root: Path):
-    from streamtrain.format import read_index
-
-    return read_index(root)
