@@ -80,10 +80,9 @@ def _with_max_shapes(cfg: RunConfig, resumed: bool) -> RunConfig:
     the flag and used the loader's default."""
     if cfg.data.max_shapes is not None:
         return cfg
-    from streamtrain.data import ShardStream
+    from streamtrain.data.bucketing import DEFAULT_MAX_SHAPES
 
-    loader_default = ShardStream.__init__.__kwdefaults__["max_shapes"]
-    max_shapes = COMPILE_MAX_SHAPES if cfg.train.compile and not resumed else loader_default
+    max_shapes = COMPILE_MAX_SHAPES if cfg.train.compile and not resumed else DEFAULT_MAX_SHAPES
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_shapes=max_shapes))
 
 

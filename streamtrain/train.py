@@ -39,6 +39,7 @@ from streamtrain.checkpoint import (
     unwrap_model,
 )
 from streamtrain.config import COMPILE_MAX_SHAPES, RunConfig
+from streamtrain.data import bucketing
 from streamtrain.dataprep import TrainData
 from streamtrain.distributed import (
     DistInfo,
@@ -84,7 +85,6 @@ __all__ = [
 EXIT_DIVERGED = 3  # the loss became NaN/Inf; last.pt still holds the last good weights
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds first sets the schedule's horizon
-_PAD_MULTIPLE = 8  # padded lengths T are multiples of this (tensor-core and vector-width friendly)
 
 
 class TrainingDiverged(UserError):
@@ -213,17 +213,17 @@ class Trainer:
         d = self.cfg.data
         kwargs: dict[str, Any] = {
             "max_tokens": d.batch_tokens, "seed": self.cfg.train.seed, "shuffle": shuffle, "rank": rank,
-            "world_size": world_size, "pad_multiple": _PAD_MULTIPLE,
+            "world_size": world_size,
         }
         if d.batch is not None:
             kwargs["max_sequences"] = d.batch
         if d.max_len is not None:
-            longest = d.batch_tokens // _PAD_MULTIPLE * _PAD_MULTIPLE
+            longest = bucketing.longest_row(d.batch_tokens, bucketing.DEFAULT_PAD_MULTIPLE)
             if d.max_len > longest:
                 raise UserError(
                     f"--max-len {d.max_len} does not fit a micro-batch: --batch-tokens {d.batch_tokens} holds rows "
-                    f"of at most {longest} vectors (a multiple of {_PAD_MULTIPLE}); lower --max-len or raise "
-                    "--batch-tokens"
+                    f"of at most {longest} vectors (a multiple of {bucketing.DEFAULT_PAD_MULTIPLE}); lower --max-len "
+                    "or raise --batch-tokens"
                 )
             kwargs["max_len"] = d.max_len
         if ids is not None:
@@ -243,8 +243,6 @@ class Trainer:
         per T whose batches include B == 1 (torch specializes size-1 dimensions)."""
         import torch._dynamo
 
-        from streamtrain.data import ShardStream, bucketing
-
         stream = self.train_stream
         shapes = plan_shapes(stream)
         lengths = {T for _, T in shapes}
@@ -254,9 +252,8 @@ class Trainer:
             if hasattr(config, name):  # torch renamed cache_size_limit to recompile_limit in 2.6
                 setattr(config, name, max(getattr(config, name), needed))
         # the padding the loader's default shape count would leave, for comparison
-        default_shapes = ShardStream.__init__.__kwdefaults__["max_shapes"]
         items = stream.items.lengths
-        default_bounds = bucketing.bucket_bounds(items, stream.pad_multiple, default_shapes)
+        default_bounds = bucketing.bucket_bounds(items, stream.pad_multiple, bucketing.DEFAULT_MAX_SHAPES)
         default_plan = bucketing.plan_epoch(items, default_bounds, stream.max_tokens, 0, 0, shuffle=False)
         return (
             f"--compile: {len(shapes)} batch shapes (B, T) per epoch over {len(lengths)} padded lengths T "

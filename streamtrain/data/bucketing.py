@@ -30,12 +30,18 @@ __all__ = [
     "Plan",
     "window_items",
     "round_up",
+    "longest_row",
+    "DEFAULT_PAD_MULTIPLE",
+    "DEFAULT_MAX_SHAPES",
     "bucket_bounds",
     "plan_epoch",
     "deal_batches",
     "pad_fraction",
     "split_ids",
 ]
+
+DEFAULT_PAD_MULTIPLE = 8  # padded T is a multiple of this (vector-width and tensor-core friendly)
+DEFAULT_MAX_SHAPES = 128  # most distinct padded T values; fewer cannot keep padding under 5% on heavy tails
 
 # bucket_bounds stops adding shapes once the padding they could still save is below this share of the real
 # tokens: past that point more shapes cost compiled kernels and allocator cache entries for nothing.
@@ -105,7 +111,14 @@ def round_up(lengths: np.ndarray | int, multiple: int) -> np.ndarray:
     return np.maximum(-(-lengths // multiple), 1) * multiple
 
 
-def bucket_bounds(item_lengths: np.ndarray, pad_multiple: int = 8, max_shapes: int = 128) -> np.ndarray:
+def longest_row(max_tokens: int, pad_multiple: int) -> int:
+    """The longest padded row a batch of `max_tokens` can hold: max_tokens rounded down to pad_multiple."""
+    return max_tokens // pad_multiple * pad_multiple
+
+
+def bucket_bounds(
+    item_lengths: np.ndarray, pad_multiple: int = DEFAULT_PAD_MULTIPLE, max_shapes: int = DEFAULT_MAX_SHAPES
+) -> np.ndarray:
     """The padded lengths T a batch may have: ascending multiples of `pad_multiple`, the last >= every item.
 
     Rounding an item of length L up to the smallest bound >= L wastes (bound - L) padded vectors. The bounds

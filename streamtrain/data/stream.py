@@ -125,8 +125,8 @@ class ShardStream(IterableDataset):
         max_len: int | None = None,
         drop_last: bool = False,
         ids: np.ndarray | None = None,
-        pad_multiple: int = 8,
-        max_shapes: int = 128,
+        pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
+        max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
     ):
         super().__init__()
@@ -134,7 +134,7 @@ class ShardStream(IterableDataset):
             raise UserError(f"pad_multiple must be >= 1, got {pad_multiple}")
         if max_sequences is not None and max_sequences < 1:
             raise UserError(f"max_sequences must be >= 1, got {max_sequences}")
-        longest = max_tokens // pad_multiple * pad_multiple
+        longest = bucketing.longest_row(max_tokens, pad_multiple)
         if longest < 2:
             raise UserError(
                 f"max_tokens={max_tokens} is too small: it must be >= max(2, pad_multiple={pad_multiple}) "
