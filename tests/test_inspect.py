@@ -27,7 +27,12 @@ def test_length_summary_quantiles_and_log_histogram():
     lengths = np.array([2, 3, 3, 5, 8, 13, 21, 34, 55, 89, 144, 1000, 1001])
     s = length_summary(lengths, max_bins=8)
     assert (s.min, s.max) == (2, 1001)
-    assert s.p50 == np.quantile(lengths, 0.5) and s.p99 == np.quantile(lengths, 0.99)
+    # 13 sorted values, linear interpolation between order statistics: p50 is the 7th value (21); p90 sits
+    # at position 0.9 * 12 = 10.8 (between 144 and 1000); p99 at 11.88 (between 1000 and 1001)
+    assert s.p50 == 21.0
+    assert s.p90 == pytest.approx(144 + 0.8 * (1000 - 144))
+    assert s.p99 == pytest.approx(1000.88)
+    assert s.mean == pytest.approx(2378 / 13)
     assert sum(s.counts) == len(lengths) and s.bin_edges[0] == 2 and s.bin_edges[-1] == 1002
     widths = np.diff(s.bin_edges)
     assert widths[-1] > 10 * widths[0]  # log-spaced
@@ -78,19 +83,27 @@ def test_inspect_of_a_malformed_index_is_one_line(tmp_path):
     assert "index.json: key 'format_version' must be an integer" in p.stderr
 
 
-def test_rich_and_text_reports_share_the_length_lines(tmp_path, capsys):
+def test_rich_and_text_reports_show_the_lengths(tmp_path, capsys):
     from streamtrain.commands.inspect import _print_rich
 
-    _dataset(tmp_path / "ds", n=117)
+    # 13 sequences of known lengths: every figure below is worked out by hand
+    lengths = [2, 3, 3, 5, 8, 13, 21, 34, 55, 89, 144, 1000, 1001]
+    rng = np.random.default_rng(0)
+    with fmt.DatasetWriter(tmp_path / "ds", dim=3) as w:
+        for i, t in enumerate(lengths):
+            w.add(rng.standard_normal((t, 3)).astype(np.float32), path="a.jsonl", line=i + 1)
     s = summarize(tmp_path / "ds")
     text = render_text(s)
     _print_rich(s)
     rich_out = capsys.readouterr().out
-    L = s.lengths
-    length_line = f"min {L.min}  p50 {L.p50:g}  p90 {L.p90:g}  p99 {L.p99:g}  max {L.max}  mean {L.mean:.1f}"
-    assert length_line in text and length_line in rich_out
-    for lo, hi, c in zip(L.bin_edges[:-1], L.bin_edges[1:], L.counts):
-        assert f"{lo}-{hi - 1}" in rich_out and f"{lo:>7}-{hi - 1:<7} {c:>10,}" in text
+    expected = "min 2  p50 21  p90 828.8  p99 1000.88  max 1001  mean 182.9"
+    assert expected in text and expected in rich_out
+    # the first histogram bin starts at the shortest length and holds it alone (log-spaced edges 2, 3, ...)
+    assert s.lengths.bin_edges[:2] == [2, 3] and s.lengths.counts[0] == 1
+    assert "2-2" in rich_out and f"{2:>7}-{2:<7} {1:>10,}" in text
+    # the last bin ends at the longest length and holds the two longest sequences
+    assert s.lengths.counts[-1] >= 2 and f"-{1001:<7}" in text and "-1001" in rich_out
+    assert sum(s.lengths.counts) == 13
 
 
 @pytest.mark.slow
