@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from streamtrain.errors import DataError
-from streamtrain.format import Index, open_shard, read_index
+from streamtrain.format import Index, map_file, read_index, read_shard
 
 __all__ = ["ShardReader", "sequence_views"]
 
@@ -91,13 +91,14 @@ class ShardReader:
         self._shard_first = self.index.shard_offsets  # (S + 1,) int64
         self._shard_first_list = self._shard_first.tolist()
         self._lengths = lengths
+        self._own_lengths = False  # loaded here (a map, reopened after unpickling) rather than given
         self._views: list[_ShardViews | None] = [None] * len(self.index.shards)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_views"] = [None] * len(self._views)  # maps are per process: reopen after unpickling
-        if isinstance(self._lengths, np.memmap):
-            state["_lengths"] = None
+        if self._own_lengths:
+            state["_lengths"], state["_own_lengths"] = None, False
         return state
 
     def __len__(self) -> int:
@@ -106,6 +107,7 @@ class ShardReader:
     def _lengths_view(self) -> np.ndarray:
         if self._lengths is None:
             self._lengths = self.index.lengths()
+            self._own_lengths = True
         return self._lengths
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
@@ -115,7 +117,8 @@ class ShardReader:
     def _open(self, s: int) -> _ShardViews:
         info = self.index.shards[s]
         path = Path(self.index.root) / info.file
-        table = open_shard(path)
+        buffer, _ = map_file(path)
+        table = read_shard(buffer, path)
         if table.num_rows != info.num_sequences:
             raise DataError(f"{path}: {table.num_rows} sequences, index.json says {info.num_sequences}")
         views = sequence_views(table, self.dim, str(path))
