@@ -7,6 +7,10 @@ both taken straight from the Arrow buffers with np.frombuffer (array offsets of 
 fixed_size_list child and of the float grandchild are all honoured). `gather` copies the rows of a batch
 from the map into a caller's preallocated (B, T, D) array: one memcpy per row, nothing else.
 
+Open maps are bounded: at most `max_open_shards` per reader, least recently used first out. A map holds no
+file descriptor (`format.map_file` closes it once mapped), and an evicted map is unmapped when its last
+view goes: a `sequence()` view or a batch being gathered keeps it valid, and batches are copies.
+
 Imports pyarrow and numpy only (never torch).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +28,12 @@ import pyarrow as pa
 from streamtrain.errors import DataError
 from streamtrain.format import Index, map_file, read_index, read_shard
 
-__all__ = ["ShardReader", "sequence_views"]
+__all__ = ["ShardReader", "sequence_views", "DEFAULT_MAX_OPEN_SHARDS"]
+
+# Maps are cheap to hold (no file descriptor, address space only, pages the kernel may reclaim), and a
+# shuffled batch takes rows from many shards, so a dataset with more shards than this re-maps some at
+# nearly every batch: the bound is for the map count (vm.max_map_count, 65530 by default), not a cache size.
+DEFAULT_MAX_OPEN_SHARDS = 1024
 
 
 @dataclass
@@ -85,24 +95,32 @@ class ShardReader:
     length), so a shard that is missing, truncated, replaced or unreadable raises DataError naming it.
     """
 
-    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None):
+    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *,
+                 max_open_shards: int | None = None):
         self.index = root if isinstance(root, Index) else read_index(root)
         self.dim = self.index.dim
+        self.max_open_shards = DEFAULT_MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
+        if self.max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self._shard_first = self.index.shard_offsets  # (S + 1,) int64
         self._shard_first_list = self._shard_first.tolist()
         self._lengths = lengths
         self._own_lengths = False  # loaded here (a map, reopened after unpickling) rather than given
-        self._views: list[_ShardViews | None] = [None] * len(self.index.shards)
+        self._views: OrderedDict[int, _ShardViews] = OrderedDict()  # open shards, least recently used first
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_views"] = [None] * len(self._views)  # maps are per process: reopen after unpickling
+        state["_views"] = OrderedDict()  # maps are per process: reopen after unpickling
         if self._own_lengths:
             state["_lengths"], state["_own_lengths"] = None, False
         return state
 
     def __len__(self) -> int:
         return self.index.num_sequences
+
+    @property
+    def num_open_shards(self) -> int:
+        return len(self._views)
 
     def _lengths_view(self) -> np.ndarray:
         if self._lengths is None:
@@ -130,11 +148,16 @@ class ShardReader:
         if views.vectors and sum(len(v) for v in views.vectors) < int(expected.sum()):
             raise DataError(f"{path}: fewer vectors than its sequence lengths say (truncated shard?)")
         self._views[s] = views
+        if len(self._views) > self.max_open_shards:
+            self._views.popitem(last=False)  # unmapped once no view of it is left
         return views
 
     def _shard(self, s: int) -> _ShardViews:
-        views = self._views[s]
-        return views if views is not None else self._open(s)
+        views = self._views.get(s)
+        if views is None:
+            return self._open(s)
+        self._views.move_to_end(s)
+        return views
 
     def sequence(self, i: int) -> np.ndarray:
         """Sequence `i` as a read-only (T, D) float32 view into the memory map."""
@@ -149,20 +172,32 @@ class ShardReader:
         """Copy window [offsets[j], offsets[j] + lengths[j]) of sequence ids[j] into out[j, :lengths[j]].
 
         `out` is (B, T, D). Past each row's length it is zeroed when `zero_padding`, else not touched (for
-        an `out` that is zero already): either way every element is written at most once.
+        an `out` that is zero already): either way every element is written at most once. A window that
+        does not fit `out` is a ValueError; one past the end of its sequence a DataError (the lengths the
+        windows were planned from disagree with the shard).
         """
         ids = np.asarray(ids, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
+        width = out.shape[1]
+        if not len(ids) == len(offsets) == len(lengths) <= out.shape[0]:
+            raise ValueError(f"gather: {len(ids)} ids, {len(offsets)} offsets and {len(lengths)} lengths "
+                             f"for an out of {out.shape[0]} rows")
+        if len(ids) and not (0 <= lengths.min() and lengths.max() <= width):
+            raise ValueError(f"gather: window lengths must be in [0, {width}] (out's T)")
+        if len(ids) and not (0 <= ids.min() and ids.max() < self.index.num_sequences):
+            raise IndexError(f"gather: sequence ids must be in [0, {self.index.num_sequences})")
         shards = self.shard_of(ids)
         rows = ids - self._shard_first[shards]
         starts = np.asarray(offsets, dtype=np.int64).copy()
+        if len(ids) and starts.min() < 0:
+            raise ValueError("gather: window offsets must be >= 0")
         ends = np.zeros_like(starts)
         # Vectorised per shard and record batch (a batch touches few): where each window starts, and
         # which buffer it is in; the loop below then does nothing but one memcpy per row.
         arrays: list[np.ndarray] = []
         source = np.zeros(len(ids), dtype=np.int64)
         for s in np.unique(shards).tolist():
-            views = self._views[s] or self._open(s)
+            views = self._shard(s)
             sel = np.flatnonzero(shards == s)
             first_rows = views.chunk_first_row
             chunks = np.zeros(len(sel), np.int64) if len(first_rows) == 1 else (
@@ -174,9 +209,16 @@ class ShardReader:
                 starts[csel] += views.row_offsets[c][local]
                 ends[csel] = views.row_offsets[c][local + 1]
                 source[csel] = len(arrays)
-                arrays.append(views.vectors[c])
-        assert (starts + lengths <= ends).all(), "window runs past the end of its sequence"
-        width = out.shape[1]
+                arrays.append(views.vectors[c])  # keeps the map valid should the shard be evicted meanwhile
+        past = np.flatnonzero(starts + lengths > ends)
+        if len(past):
+            j = int(past[0])
+            path = Path(self.index.root) / self.index.shards[int(shards[j])].file
+            raise DataError(
+                f"{path}: sequence {int(ids[j])} has {int(ends[j] - starts[j] + offsets[j])} vectors, a window "
+                f"asks for [{int(offsets[j])}, {int(offsets[j] + lengths[j])}); the lengths it was planned from "
+                "disagree with the shard"
+            )
         for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
             out[j, :n] = arrays[a][start : start + n]
             if zero_padding and n < width:

@@ -108,6 +108,8 @@ class ShardStream(IterableDataset):
     max_shapes: most distinct padded T values (see `bucketing.bucket_bounds`).
     max_sequences: at most this many rows per batch (with max_tokens >= max_sequences * max_len this is
         a fixed batch size B of similar-length sequences, except the last batch of each bucket).
+    max_open_shards: most shards memory-mapped at once per process (default
+        `reader.DEFAULT_MAX_OPEN_SHARDS`); the least recently used is unmapped first.
 
     Only index.json and lengths.npy are read here; shards are memory-mapped lazily in the process that
     iterates, so the object pickles small into DataLoader workers.
@@ -128,6 +130,7 @@ class ShardStream(IterableDataset):
         pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
         max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
+        max_open_shards: int | None = None,
     ):
         super().__init__()
         if pad_multiple < 1:
@@ -151,6 +154,8 @@ class ShardStream(IterableDataset):
             raise UserError(f"seed must be >= 0, got {seed}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
+        if max_open_shards is not None and max_open_shards < 1:
+            raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.index: Index = read_index(root)
         self.dim = self.index.dim
         self.max_tokens = int(max_tokens)
@@ -162,6 +167,7 @@ class ShardStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
         self.max_sequences = None if max_sequences is None else int(max_sequences)
+        self.max_open_shards = None if max_open_shards is None else int(max_open_shards)
         self._check_shard_files()
 
         lengths = self.index.lengths()
@@ -293,7 +299,7 @@ class ShardStream(IterableDataset):
     @property
     def reader(self) -> ShardReader:
         if self._reader is None:
-            self._reader = ShardReader(self.index)
+            self._reader = ShardReader(self.index, max_open_shards=self.max_open_shards)
         return self._reader
 
     def _rows(self, item_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
