@@ -383,9 +383,14 @@ def load_lengths(index: Index) -> np.ndarray:
 
 
 def verify_dataset(index: Index) -> list[str]:
-    """Re-read every file the index names; return one line per problem (empty: the dataset is intact)."""
+    """Re-read and hash every byte of every file the index names, whatever was verified before; return one
+    line per problem (empty: the dataset is intact)."""
     problems = []
     root = Path(index.root)
+    try:
+        lengths = load_lengths(index)  # its own problems are listed below
+    except DataError:
+        lengths = None
     for s in index.shards:
         path = root / s.file
         if not path.is_file():
@@ -409,6 +414,10 @@ def verify_dataset(index: Index) -> list[str]:
                 f"{path}: {table.num_rows} sequences / {tokens} tokens, "
                 f"index.json says {s.num_sequences} / {s.num_tokens}"
             )
+        elif lengths is not None and s.num_sequences:
+            stored = pc.list_value_length(table.column("sequence")).to_numpy()
+            if not np.array_equal(stored, lengths[s.first_id : s.first_id + s.num_sequences]):
+                problems.append(f"{path}: sequence lengths differ from {index.lengths_file}")
     lengths_path = root / index.lengths_file
     if not lengths_path.is_file():
         problems.append(f"{lengths_path}: lengths file is missing")

@@ -133,8 +133,10 @@ def test_shard_that_disagrees_with_lengths_file_is_rejected(dataset):
     lengths = np.load(root / "lengths.npy")
     lengths[0] += 1
     np.save(root / "lengths.npy", lengths)
+    index.lengths_sha256 = file_sha256(root / "lengths.npy")  # an index consistent with the wrong lengths
+    write_index(index)
     with pytest.raises(DataError, match="lengths differ"):
-        ShardReader(index).sequence(0)
+        ShardReader(read_index(root)).sequence(0)
 
 
 def test_reader_and_bucketing_do_not_import_torch():

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from streamtrain.data.checksums import check_mapped, check_size, verified_lengths
 from streamtrain.errors import DataError
 from streamtrain.format import Index, map_file, read_index, read_shard
 
@@ -91,14 +92,18 @@ def sequence_views(table: pa.Table, dim: int, name: str = "shard") -> _ShardView
 class ShardReader:
     """Sequence access by global id over a dataset folder; shards are memory-mapped on first use.
 
-    Every shard is checked when opened against index.json (row count) and lengths.npy (every row's
-    length), so a shard that is missing, truncated, replaced or unreadable raises DataError naming it.
+    Every shard is checked when mapped: its size against index.json, with `verify` its sha256 (hashed
+    only for a file version not verified before, see `checksums`), its row count against index.json and
+    every row's length against the lengths file (itself checked against index.json's lengths_sha256 with
+    `verify`). So a shard that is missing, truncated, changed or unreadable raises DataError naming it
+    before any of its rows is used.
     """
 
-    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *,
+    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *, verify: bool = True,
                  max_open_shards: int | None = None):
         self.index = root if isinstance(root, Index) else read_index(root)
         self.dim = self.index.dim
+        self.verify = bool(verify)
         self.max_open_shards = DEFAULT_MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
         if self.max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
@@ -124,7 +129,7 @@ class ShardReader:
 
     def _lengths_view(self) -> np.ndarray:
         if self._lengths is None:
-            self._lengths = self.index.lengths()
+            self._lengths = verified_lengths(self.index) if self.verify else self.index.lengths()
             self._own_lengths = True
         return self._lengths
 
@@ -135,7 +140,10 @@ class ShardReader:
     def _open(self, s: int) -> _ShardViews:
         info = self.index.shards[s]
         path = Path(self.index.root) / info.file
-        buffer, _ = map_file(path)
+        buffer, stat = map_file(path)
+        check_size(path, stat.st_size, info.bytes)
+        if self.verify:
+            check_mapped(path, stat, buffer, info.sha256)
         table = read_shard(buffer, path)
         if table.num_rows != info.num_sequences:
             raise DataError(f"{path}: {table.num_rows} sequences, index.json says {info.num_sequences}")
