@@ -12,6 +12,14 @@ memcpy bound is np.copyto of a large buffer, in tokens/s counting the bytes read
 (2 * D * 4), the same traffic as copying a token from the map into a batch. The JSON peers read a
 subset of the corpus (--peer-sequences) because their loading holds every float as a Python object.
 The last line is one JSON object with every figure.
+
+Checksums (`ShardStream(verify=...)`), side by side with 0 and 2 workers: epoch throughput measured from
+building the stream (where the up-front pass hashes) to the last batch, for verify off, warm (every file
+version recorded, as a later run finds it), cold (no record: the first run after convert), and naive
+(hash each shard the first time each process maps it: no up-front pass, no records), each with its cost
+in % of the throughput with verify off. Also how many shards the first batches of an epoch need, which
+bounds what hashing in the background while loading could hide. `--verify-only` runs just this part.
+The other pipelines run with verify on and warm records (the default a user gets).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import torch
 
 from corpus import KINDS, build_dataset, lognormal_lengths  # benchmarks/corpus.py
 from streamtrain.data import ShardStream, make_loader
-from streamtrain.data import bucketing
+from streamtrain.data import bucketing, checksums
+from streamtrain.data import stream as stream_module
 from streamtrain.format import read_index
 from streamtrain.data.reader import ShardReader
 
@@ -166,6 +175,81 @@ def bench_hf_datasets(jsonl_path: Path, batch_size: int, repeats: int, cache_dir
     return result
 
 
+VERIFY_MODES = ("off", "warm", "cold", "naive")
+
+
+def _verify_epoch(root: Path, max_tokens: int, num_workers: int, mode: str, cache: Path, epoch: int) -> dict:
+    """One epoch from building the stream to its last batch, with checksums per `mode` (see the docstring)."""
+    saved_env, saved_verify_files = os.environ.get("STREAMTRAIN_CACHE_DIR"), stream_module.verify_files
+    if mode == "cold":
+        cold = cache.parent / f"cold-{num_workers}-{epoch}"  # empty: nothing recorded
+        os.environ["STREAMTRAIN_CACHE_DIR"] = str(cold)
+    elif mode == "naive":
+        os.environ["STREAMTRAIN_CACHE_DIR"] = str(cache.parent / "no-cache-here" / "x")  # under a file: unusable
+        (cache.parent / "no-cache-here").write_text("")
+        stream_module.verify_files = lambda files, threads=None: 0  # forked workers inherit the patch
+    checksums.forget()  # each epoch starts as a fresh process would
+    try:
+        t0 = time.perf_counter()
+        ds = ShardStream(root, max_tokens=max_tokens, seed=0, verify=mode != "off")
+        ds.set_epoch(epoch)
+        built = time.perf_counter()
+        real = 0
+        for batch in make_loader(ds, num_workers=num_workers, persistent_workers=False):
+            real += int(batch.lengths.sum())
+        end = time.perf_counter()
+    finally:
+        stream_module.verify_files = saved_verify_files
+        if saved_env is None:
+            os.environ.pop("STREAMTRAIN_CACHE_DIR", None)
+        else:
+            os.environ["STREAMTRAIN_CACHE_DIR"] = saved_env
+    return {"epoch_tokens_per_s": real / (end - t0), "build_s": built - t0}
+
+
+def bench_verify(root: Path, max_tokens: int, repeats: int, cache: Path) -> dict:
+    """Epoch throughput per (workers, mode); modes interleaved within each repeat, in an order rotated from one
+    repeat to the next (whatever runs first after a switch runs slower), medians over repeats."""
+    ShardStream(root, max_tokens=max_tokens)  # records for "warm"
+    runs: dict[str, list[dict]] = {}
+    for workers in (0, 2):
+        _verify_epoch(root, max_tokens, workers, "off", cache, 0)  # warm-up, not counted
+        for r in range(repeats):
+            for k in range(len(VERIFY_MODES)):
+                mode = VERIFY_MODES[(r + k) % len(VERIFY_MODES)]
+                runs.setdefault(f"w{workers}_{mode}", []).append(_verify_epoch(root, max_tokens, workers, mode, cache, r))
+    out = {}
+    for name, results in runs.items():
+        out[name] = {k: statistics.median(res[k] for res in results) for k in results[0]}
+    for workers in (0, 2):
+        off = out[f"w{workers}_off"]["epoch_tokens_per_s"]
+        for mode in VERIFY_MODES:
+            out[f"w{workers}_{mode}"]["cost_pct"] = 100 * (1 - out[f"w{workers}_{mode}"]["epoch_tokens_per_s"] / off)
+    return out
+
+
+def shards_needed_first(root: Path, max_tokens: int, first: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """Share of the shards that the first k batches of epoch 0 read rows from."""
+    ds = ShardStream(root, max_tokens=max_tokens, seed=0, verify=False)
+    plan, mine, items = ds.plan(0), ds.rank_batches(), ds.items
+    offsets = ds.index.shard_offsets
+    share = {}
+    for k in first:
+        ids = np.concatenate([items.ids[plan.batch(int(b))[0]] for b in mine[:k]]) if len(mine) else np.zeros(0, np.int64)
+        share[f"first_{k}"] = len(np.unique(np.searchsorted(offsets, ids, side="right") - 1)) / len(ds.index.shards)
+    return share
+
+
+def print_verify(verify: dict, needed: dict[str, float], num_shards: int) -> None:
+    print(f"checksums ({num_shards} shards; epoch incl. building the stream; cost vs verify off, same workers):")
+    print(f"{'workers':<9}{'verify':<8}{'epoch tokens/s':>16}{'build s':>10}{'cost':>9}")
+    for workers in (0, 2):
+        for mode in VERIFY_MODES:
+            r = verify[f"w{workers}_{mode}"]
+            print(f"{workers:<9}{mode:<8}{r['epoch_tokens_per_s'] / 1e6:>14.2f} M{r['build_s']:>10.3f}{r['cost_pct']:>8.1f}%")
+    print("shards read by the first batches: " + ", ".join(f"{k.replace('_', ' ')}: {100 * v:.0f}%" for k, v in needed.items()))
+
+
 def plan_seconds(num_sequences: int, max_tokens: int) -> float:
     """Wall time to plan one epoch (windows, bounds, plan) of `num_sequences` synthetic lengths."""
     lengths = lognormal_lengths(num_sequences, seed=3)
@@ -189,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (medians are quoted)")
     p.add_argument("--block-sizes", default="1",
                    help="comma-separated batches per worker message to also try with 2 workers ('' for none)")
+    p.add_argument("--verify-only", action="store_true", help="only the checksum comparison (cold/warm/off/naive)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
+        cache = tmp / "checksum-cache"
+        os.environ["STREAMTRAIN_CACHE_DIR"] = str(cache)  # records of this run's corpus stay in it
         root = args.data
         if root is None:
             root = tmp / "corpus"
@@ -202,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         index = read_index(root)
         lengths = index.lengths()
         dim = index.dim
+        verify = bench_verify(root, args.max_tokens, args.repeats, cache)
+        needed = shards_needed_first(root, args.max_tokens)
+        if args.verify_only:
+            print_verify(verify, needed, len(index.shards))
+            print(json.dumps({"benchmark": "loader_verify", "num_tokens": index.num_tokens,
+                              "num_shards": len(index.shards), "verify": verify, "shards_needed": needed}))
+            return 0
         traffic_bytes_per_s, bound_tokens_per_s = memcpy_tokens_per_s(dim)
 
         results: dict[str, dict | None] = {}
@@ -241,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios["best_shardstream_vs_hf"] = best / results["hf_datasets"]["real_tokens_per_s"]
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(f"plan of 1M sequences: {plan_1m_s:.3f} s")
+    print_verify(verify, needed, len(index.shards))
     print(json.dumps({
         "benchmark": "loader",
         "num_sequences": index.num_sequences,
@@ -253,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "ratios": ratios,
         "plan_1m_sequences_s": plan_1m_s,
+        "verify": verify,
+        "shards_needed": needed,
     }))
     return 0
 

@@ -87,7 +87,11 @@ class DataConfig:
         "every batch is padding",
         "shapes",
     )
-    verify: bool = _opt(False, "check every shard's sha256 against index.json before training")
+    verify: bool = _opt(
+        True,
+        "check each shard's and the lengths file's sha256 against index.json before their rows are used, in "
+        "every loader process, hashing only file versions not verified before (--no-verify: storage you trust)",
+    )
 
     def __post_init__(self) -> None:
         if self.synthetic is not None:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from streamtrain.config import RunConfig, parse_synthetic
+from streamtrain.data.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
-from streamtrain.format import Index, is_dataset, read_index, verify_dataset
+from streamtrain.format import Index, is_dataset, read_index
 
 __all__ = ["TrainData", "prepare_data", "resolve_dataset"]
 
@@ -57,6 +58,12 @@ def resolve_dataset(path: str, flag: str, cache_root: Path, is_main: bool) -> Pa
     raise UserError(f"{flag} {p}: expected a dataset folder or a folder of JSON/JSONL files")
 
 
+def _verify(index: Index) -> None:
+    """Hash the files of `index` not verified before, on the main rank before the others start: they then
+    find the versions in the record cache instead of all hashing the same files at once."""
+    verify_files(index_files(index))
+
+
 def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
     """Resolve the training and validation data. Only the main rank writes (synthetic data, conversion);
     the caller makes the other ranks wait for it, then calls this again with is_main=False."""
@@ -71,11 +78,9 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
             write_synthetic(train_root, num_sequences, length, dim=SYNTHETIC_DIM, seed=cfg.train.seed)
     else:
         train_root = resolve_dataset(d.data, "--data", cache_root, is_main)
-    index = read_index(train_root)  # shard sizes are checked against it when the ShardStream is built
+    index = read_index(train_root)  # shard sizes (and with verify checksums) are checked by each ShardStream
     if d.verify and is_main:
-        problems = verify_dataset(index)
-        if problems:
-            raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        _verify(index)
     if index.num_sequences == 0:
         raise DataError(f"{train_root}: the dataset holds no sequences")
 
@@ -86,6 +91,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
         val_index = read_index(val_root)
         if val_index.dim != index.dim:
             raise UserError(f"--val-data {val_root}: dim {val_index.dim} differs from the training data's {index.dim}")
+        if d.verify and is_main:
+            _verify(val_index)
     elif d.val_fraction > 0:
         from streamtrain.data.bucketing import split_ids
 

@@ -191,8 +191,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     num_workers: int = 0,
     onehot: tuple[int, int] | None = None,
+    verify: bool = True,
 ) -> dict:
-    """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order)."""
+    """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order);
+    `verify`: check the dataset's checksums before use (see ShardStream)."""
     from streamtrain.checkpoint import load_checkpoint
     from streamtrain.config import ModelConfig
     from streamtrain.data import ShardStream, make_loader
@@ -215,7 +217,8 @@ def evaluate_checkpoint(
     model.to(dev)
     stats = checkpoint["stats"]
     mean, std = stats["mean"], stats["std"]
-    stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1)
+    stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1,
+                         verify=verify)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
     sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
     return eval_summary(sums, onehot)

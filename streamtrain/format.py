@@ -22,6 +22,7 @@ Everything here imports pyarrow and numpy only (never torch).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -53,7 +54,10 @@ __all__ = [
     "read_index",
     "write_index",
     "is_dataset",
+    "map_file",
+    "read_shard",
     "open_shard",
+    "parse_lengths",
     "load_lengths",
     "verify_dataset",
     "RunningStats",
@@ -312,37 +316,81 @@ def write_index(index: Index) -> None:
 # Reading
 
 
-def open_shard(path: str | os.PathLike) -> pa.Table:
-    """Memory-map one shard and return it as a Table whose buffers point into the map (no copy)."""
+def map_file(path: str | os.PathLike, kind: str = "shard") -> tuple[pa.Buffer, os.stat_result]:
+    """Memory-map the whole file at `path` read-only: (a buffer over the map, fstat of the file mapped).
+
+    The file descriptor is closed before this returns. The map stays valid as long as the buffer or anything
+    taken from it (Arrow slices, numpy views) is alive and is unmapped when the last one goes, so holding a
+    map costs no file descriptor and a view can never outlive its map. `kind` names the file in errors.
+    """
     try:
         source = pa.memory_map(str(path), "r")
-        return pa.ipc.open_file(source).read_all()
     except FileNotFoundError:
-        raise DataError(f"{path}: shard file is missing") from None
+        raise DataError(f"{path}: {kind} file is missing") from None
+    except (pa.ArrowIOError, OSError) as e:
+        raise DataError(f"{path}: cannot read the {kind} file ({e})") from None
+    try:
+        stat = os.fstat(source.fileno())
+        buffer = source.read_buffer()
+    finally:
+        source.close()
+    return buffer, stat
+
+
+def read_shard(buffer: pa.Buffer, path: str | os.PathLike) -> pa.Table:
+    """The Table of a mapped shard (Arrow IPC file); its buffers point into `buffer` (no copy)."""
+    try:
+        return pa.ipc.open_file(buffer).read_all()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         raise DataError(f"{path}: shard is unreadable or truncated ({e})") from None
 
 
-def load_lengths(index: Index) -> np.ndarray:
-    """int32 (num_sequences,) lengths in global id order, memory-mapped: no shard is opened."""
-    path = Path(index.root) / index.lengths_file
+def open_shard(path: str | os.PathLike) -> pa.Table:
+    """Memory-map one shard and return it as a Table whose buffers point into the map (no copy)."""
+    buffer, _ = map_file(path)
+    return read_shard(buffer, path)
+
+
+def parse_lengths(buffer: pa.Buffer, path: str | os.PathLike, num_sequences: int) -> np.ndarray:
+    """The lengths in a mapped .npy lengths file: a read-only view into `buffer` (no copy), checked to hold
+    `num_sequences` integers."""
     try:
-        lengths = np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise DataError(f"{path}: lengths file is missing") from None
+        header = io.BytesIO(memoryview(buffer)[: 1 << 16])
+        version = np.lib.format.read_magic(header)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(header)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(header)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
     except ValueError as e:
         raise DataError(f"{path}: lengths file is corrupt ({e})") from None
-    if lengths.shape != (index.num_sequences,):
-        raise DataError(
-            f"{path}: holds {lengths.shape[0] if lengths.ndim else 0} lengths, index.json says {index.num_sequences}"
-        )
-    return lengths
+    if dtype.kind not in "iu" or len(shape) != 1:
+        raise DataError(f"{path}: lengths file is corrupt (expected a 1-d integer array, got {dtype} {shape})")
+    offset = header.tell()
+    if offset + shape[0] * dtype.itemsize > buffer.size:
+        raise DataError(f"{path}: lengths file is truncated ({buffer.size} bytes for {shape[0]} lengths)")
+    if shape[0] != num_sequences:
+        raise DataError(f"{path}: holds {shape[0]} lengths, index.json says {num_sequences}")
+    return np.frombuffer(buffer, dtype=dtype, count=shape[0], offset=offset)
+
+
+def load_lengths(index: Index) -> np.ndarray:
+    """(num_sequences,) lengths in global id order, memory-mapped (read-only, no copy): no shard is opened."""
+    path = Path(index.root) / index.lengths_file
+    buffer, _ = map_file(path, "lengths")
+    return parse_lengths(buffer, path, index.num_sequences)
 
 
 def verify_dataset(index: Index) -> list[str]:
-    """Re-read every file the index names; return one line per problem (empty: the dataset is intact)."""
+    """Re-read and hash every byte of every file the index names, whatever was verified before; return one
+    line per problem (empty: the dataset is intact)."""
     problems = []
     root = Path(index.root)
+    try:
+        lengths = load_lengths(index)  # its own problems are listed below
+    except DataError:
+        lengths = None
     for s in index.shards:
         path = root / s.file
         if not path.is_file():
@@ -366,6 +414,10 @@ def verify_dataset(index: Index) -> list[str]:
                 f"{path}: {table.num_rows} sequences / {tokens} tokens, "
                 f"index.json says {s.num_sequences} / {s.num_tokens}"
             )
+        elif lengths is not None and s.num_sequences:
+            stored = pc.list_value_length(table.column("sequence")).to_numpy()
+            if not np.array_equal(stored, lengths[s.first_id : s.first_id + s.num_sequences]):
+                problems.append(f"{path}: sequence lengths differ from {index.lengths_file}")
     lengths_path = root / index.lengths_file
     if not lengths_path.is_file():
         problems.append(f"{lengths_path}: lengths file is missing")

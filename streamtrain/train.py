@@ -213,7 +213,7 @@ class Trainer:
         d = self.cfg.data
         kwargs: dict[str, Any] = {
             "max_tokens": d.batch_tokens, "seed": self.cfg.train.seed, "shuffle": shuffle, "rank": rank,
-            "world_size": world_size,
+            "world_size": world_size, "verify": d.verify,
         }
         if d.batch is not None:
             kwargs["max_sequences"] = d.batch

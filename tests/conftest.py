@@ -4,6 +4,19 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def checksum_cache(tmp_path_factory, monkeypatch):
+    """Verification records of every test in a folder of its own (never the home folder), and nothing
+    remembered in this process from an earlier test. Returns the folder."""
+    from streamtrain.data import checksums
+
+    folder = tmp_path_factory.mktemp("checksum-cache")
+    monkeypatch.setenv("STREAMTRAIN_CACHE_DIR", str(folder))
+    checksums.forget()
+    yield folder
+    checksums.forget()
+
+
 @pytest.fixture
 def deterministic_rng():
     """Seed python, numpy and (when loaded) torch for one test, and restore their states after."""

@@ -168,6 +168,51 @@ def test_checksum_mismatch_with_verify_is_one_line_naming_it(tmp_path, capsys):
     _assert_one_line_error(*_fit(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--verify"), shard.name, "checksum")
 
 
+def _flip_middle_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(raw)
+
+
+def test_fit_refuses_flipped_bytes_by_default_and_no_verify_trains_on_them(tmp_path, capsys):
+    data = tmp_path / "data"
+    index = write_dataset(data, _sequences(17), shard_bytes=1000)
+    shard = data / index.shards[1].file
+    _flip_middle_byte(shard)
+    code, captured = _fit(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "2")
+    _assert_one_line_error(code, captured, str(shard), "checksum mismatch")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    code, captured = _fit(capsys, "--data", str(data), "--out", str(tmp_path / "r2"), "--max-steps", "2", "--no-verify")
+    assert code == 0, captured.err
+
+
+def test_fit_refuses_a_shard_changed_after_a_verified_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    index = write_dataset(data, _sequences(17), shard_bytes=1000)
+    assert _fit(capsys, "--data", str(data), "--out", str(tmp_path / "r1"), "--max-steps", "2")[0] == 0
+    shard = data / index.shards[0].file
+    _flip_middle_byte(shard)
+    code, captured = _fit(capsys, "--data", str(data), "--out", str(tmp_path / "r2"), "--max-steps", "2",
+                          "--num-workers", "2")
+    _assert_one_line_error(code, captured, str(shard), "checksum mismatch")
+
+
+def test_eval_refuses_flipped_bytes_by_default_and_no_verify_evaluates(tmp_path, capsys):
+    data = tmp_path / "data"
+    index = write_dataset(data, _sequences(17), shard_bytes=1000)
+    run = tmp_path / "run"
+    assert _fit(capsys, "--data", str(data), "--out", str(run), "--max-steps", "2")[0] == 0
+    shard = data / index.shards[2].file
+    _flip_middle_byte(shard)
+    argv = ["eval", "--checkpoint", str(run / "checkpoints/last.pt"), "--data", str(data), "--json"]
+    for workers in ("0", "2"):
+        code = main([*argv, "--num-workers", workers])
+        _assert_one_line_error(code, capsys.readouterr(), str(shard), "checksum mismatch")
+    assert main([*argv, "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_sequences"] == 17
+
+
 def test_max_len_over_the_batch_budget_is_one_line_naming_the_flags(tmp_path, capsys):
     code, captured = _fit(capsys, "--synthetic", "9,8", "--out", str(tmp_path / "r"), "--max-len", "9000")
     _assert_one_line_error(code, captured, "--max-len 9000", "--batch-tokens 4096")

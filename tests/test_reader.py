@@ -1,4 +1,8 @@
+import gc
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -129,8 +133,10 @@ def test_shard_that_disagrees_with_lengths_file_is_rejected(dataset):
     lengths = np.load(root / "lengths.npy")
     lengths[0] += 1
     np.save(root / "lengths.npy", lengths)
+    index.lengths_sha256 = file_sha256(root / "lengths.npy")  # an index consistent with the wrong lengths
+    write_index(index)
     with pytest.raises(DataError, match="lengths differ"):
-        ShardReader(index).sequence(0)
+        ShardReader(read_index(root)).sequence(0)
 
 
 def test_reader_and_bucketing_do_not_import_torch():
@@ -140,3 +146,78 @@ def test_reader_and_bucketing_do_not_import_torch():
     code = "import sys, streamtrain.data.reader, streamtrain.data.bucketing; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _mapped_shard_files(root, pid="self"):
+    """Distinct shard files of `root` mapped into process `pid` (from /proc/PID/maps)."""
+    shards = os.path.realpath(root / "shards")
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split(maxsplit=5)[-1].strip() for line in f if shards in line}
+
+
+def test_open_maps_are_bounded_and_views_outlive_their_eviction(dataset):
+    root, seqs = dataset
+    num_shards = len(read_index(root).shards)
+    reader = ShardReader(root, max_open_shards=2)
+    views = [reader.sequence(i) for i in range(len(seqs))]
+    assert reader.num_open_shards == 2
+    assert len(_mapped_shard_files(root)) == num_shards  # evicted maps live on while a view of them does
+    gc.collect()
+    assert all(np.array_equal(v, s) for v, s in zip(views, seqs))
+    del views
+    gc.collect()
+    assert len(_mapped_shard_files(root)) == 2
+    # one batch across every shard: each evicted while the batch is gathered, still copied right
+    ids = np.arange(len(seqs))[::-1].copy()
+    lengths = np.array([min(len(seqs[i]), 6) for i in ids])
+    out = np.zeros((len(ids), 6, DIM), np.float32)
+    reader.gather(out, ids, np.zeros(len(ids), np.int64), lengths, zero_padding=True)
+    for j, i in enumerate(ids):
+        assert np.array_equal(out[j, : lengths[j]], seqs[i][: lengths[j]])
+    assert reader.num_open_shards == 2 and len(_mapped_shard_files(root)) == 2
+    with pytest.raises(ValueError, match="max_open_shards"):
+        ShardReader(root, max_open_shards=0)
+
+
+def test_data_checks_hold_under_python_O(dataset):
+    """gather's window bound and the ring's sizes are real checks, not asserts that -O strips."""
+    root, seqs = dataset
+    index = read_index(root)
+    shard = next(s for s in index.shards if s.num_sequences >= 2)
+    i = next(i for i in range(shard.first_id, shard.first_id + shard.num_sequences - 1)
+             if len(seqs[i]) >= 2 and len(seqs[i + 1]) >= 1)  # a window past its end would run into row i + 1
+    n = len(seqs[i])
+    code = f"""
+import numpy as np
+from streamtrain.data.reader import ShardReader
+from streamtrain.data.shm import BatchRing
+from streamtrain.errors import DataError
+try:
+    assert False
+    print("asserts stripped")
+except AssertionError:
+    print("asserts are on")
+reader = ShardReader({str(root)!r})
+out = np.zeros((1, {n + 1}, {DIM}), np.float32)
+for offset, length, label in ((1, {n}, "past the end"), (0, {n + 1}, "longer than the sequence")):
+    try:
+        reader.gather(out, np.array([{i}]), np.array([offset]), np.array([length]))
+        print("copied", label)
+    except DataError as e:
+        print("DataError:", e)
+for make in (lambda: BatchRing(0, 1, 4), lambda: BatchRing(1, 1, 4).slot(0, 0, (2, 3))):
+    try:
+        make()
+        print("no error")
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0] == "asserts stripped", out
+    lines = lines[1:]
+    assert len(lines) == 4, out
+    assert lines[0].startswith("DataError:") and f"sequence {i} has {n} vectors" in lines[0] and "shard-" in lines[0]
+    assert lines[1].startswith("DataError:") and f"[0, {n + 1})" in lines[1]
+    assert lines[2].startswith("ValueError:") and "num_workers=0" in lines[2]
+    assert lines[3].startswith("ValueError:") and "exceeds the slot size 4" in lines[3]

@@ -477,3 +477,55 @@ def test_max_sequences_gives_fixed_size_batches(data):
     assert sorted(_items(batches)) == sorted(_items(_run(make_loader(_stream(root, max_tokens=16 * 64, max_len=64), num_workers=0))))
     with pytest.raises(UserError, match="max_sequences"):
         _stream(root, max_sequences=0)
+
+
+_LOW_FD_LIMIT_SCRIPT = """
+import hashlib, json, os, resource, sys
+import numpy as np
+from streamtrain.data import ShardStream, make_loader
+
+root, max_open = sys.argv[1], json.loads(sys.argv[2])
+headroom = 32
+limit = len(os.listdir("/proc/self/fd")) + headroom
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+shards_dir = os.path.realpath(os.path.join(root, "shards"))
+
+def mapped_shards(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return len({line.split(maxsplit=5)[-1] for line in f if shards_dir in line})
+
+report = {"limit": limit}
+for workers in (0, 2):
+    loader = make_loader(ShardStream(root, max_tokens=64, seed=1, max_open_shards=max_open), num_workers=workers)
+    digests = {}
+    for batch in loader:
+        for j, i in enumerate(batch.ids.tolist()):
+            row = batch.x[j, : int(batch.lengths[j])].numpy()
+            digests.setdefault(i, []).append(hashlib.sha1(row.tobytes()).hexdigest())
+    pids = [w.pid for w in loader._dataloader._iterator._workers] if workers else [os.getpid()]
+    report[workers] = {"digests": digests, "mapped": [mapped_shards(pid) for pid in pids]}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("max_open_shards", [None, 8])
+def test_an_epoch_over_more_shards_than_the_open_file_limit(tmp_path, max_open_shards):
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    seqs = [rng.standard_normal((int(rng.integers(2, 40)), DIM)).astype(np.float32) for _ in range(500)]
+    root = tmp_path / "ds"
+    index = write_dataset(root, seqs, shard_bytes=400)
+    out = subprocess.run([sys.executable, "-c", _LOW_FD_LIMIT_SCRIPT, str(root), json.dumps(max_open_shards)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["limit"] < len(index.shards)
+    expected = {i: [hashlib.sha1(s.tobytes()).hexdigest()] for i, s in enumerate(seqs)}
+    for workers in ("0", "2"):
+        assert {int(i): d for i, d in report[workers]["digests"].items()} == expected  # each id once, bit exact
+        bound = len(index.shards) if max_open_shards is None else max_open_shards
+        assert all(0 < n <= bound for n in report[workers]["mapped"]), report[workers]["mapped"]

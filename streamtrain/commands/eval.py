@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -12,6 +14,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader worker processes (default 0)")
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
+        help="check the dataset's sha256 checksums against index.json before use, hashing only file versions not "
+        "verified before (default; --no-verify: storage you trust)",
+    )
     parser.add_argument(
         "--onehot",
         metavar="START:END",
@@ -37,7 +44,8 @@ def run(args) -> int:
         except ValueError:
             raise UserError(f"--onehot expects START:END (two integers), got {args.onehot!r}") from None
         onehot = (start, end)
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot,
+                                 verify=args.verify)
     if args.json:
         print(json.dumps(report))
         return 0

@@ -7,6 +7,10 @@ both taken straight from the Arrow buffers with np.frombuffer (array offsets of 
 fixed_size_list child and of the float grandchild are all honoured). `gather` copies the rows of a batch
 from the map into a caller's preallocated (B, T, D) array: one memcpy per row, nothing else.
 
+Open maps are bounded: at most `max_open_shards` per reader, least recently used first out. A map holds no
+file descriptor (`format.map_file` closes it once mapped), and an evicted map is unmapped when its last
+view goes: a `sequence()` view or a batch being gathered keeps it valid, and batches are copies.
+
 Imports pyarrow and numpy only (never torch).
 """
 
@@ -14,16 +18,23 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from streamtrain.data.checksums import check_mapped, check_size, verified_lengths
 from streamtrain.errors import DataError
-from streamtrain.format import Index, open_shard, read_index
+from streamtrain.format import Index, map_file, read_index, read_shard
 
-__all__ = ["ShardReader", "sequence_views"]
+__all__ = ["ShardReader", "sequence_views", "DEFAULT_MAX_OPEN_SHARDS"]
+
+# Maps are cheap to hold (no file descriptor, address space only, pages the kernel may reclaim), and a
+# shuffled batch takes rows from many shards, so a dataset with more shards than this re-maps some at
+# nearly every batch: the bound is for the map count (vm.max_map_count, 65530 by default), not a cache size.
+DEFAULT_MAX_OPEN_SHARDS = 1024
 
 
 @dataclass
@@ -81,31 +92,45 @@ def sequence_views(table: pa.Table, dim: int, name: str = "shard") -> _ShardView
 class ShardReader:
     """Sequence access by global id over a dataset folder; shards are memory-mapped on first use.
 
-    Every shard is checked when opened against index.json (row count) and lengths.npy (every row's
-    length), so a shard that is missing, truncated, replaced or unreadable raises DataError naming it.
+    Every shard is checked when mapped: its size against index.json, with `verify` its sha256 (hashed
+    only for a file version not verified before, see `checksums`), its row count against index.json and
+    every row's length against the lengths file (itself checked against index.json's lengths_sha256 with
+    `verify`). So a shard that is missing, truncated, changed or unreadable raises DataError naming it
+    before any of its rows is used.
     """
 
-    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None):
+    def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *, verify: bool = True,
+                 max_open_shards: int | None = None):
         self.index = root if isinstance(root, Index) else read_index(root)
         self.dim = self.index.dim
+        self.verify = bool(verify)
+        self.max_open_shards = DEFAULT_MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
+        if self.max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self._shard_first = self.index.shard_offsets  # (S + 1,) int64
         self._shard_first_list = self._shard_first.tolist()
         self._lengths = lengths
-        self._views: list[_ShardViews | None] = [None] * len(self.index.shards)
+        self._own_lengths = False  # loaded here (a map, reopened after unpickling) rather than given
+        self._views: OrderedDict[int, _ShardViews] = OrderedDict()  # open shards, least recently used first
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_views"] = [None] * len(self._views)  # maps are per process: reopen after unpickling
-        if isinstance(self._lengths, np.memmap):
-            state["_lengths"] = None
+        state["_views"] = OrderedDict()  # maps are per process: reopen after unpickling
+        if self._own_lengths:
+            state["_lengths"], state["_own_lengths"] = None, False
         return state
 
     def __len__(self) -> int:
         return self.index.num_sequences
 
+    @property
+    def num_open_shards(self) -> int:
+        return len(self._views)
+
     def _lengths_view(self) -> np.ndarray:
         if self._lengths is None:
-            self._lengths = self.index.lengths()
+            self._lengths = verified_lengths(self.index) if self.verify else self.index.lengths()
+            self._own_lengths = True
         return self._lengths
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
@@ -115,7 +140,11 @@ class ShardReader:
     def _open(self, s: int) -> _ShardViews:
         info = self.index.shards[s]
         path = Path(self.index.root) / info.file
-        table = open_shard(path)
+        buffer, stat = map_file(path)
+        check_size(path, stat.st_size, info.bytes)
+        if self.verify:
+            check_mapped(path, stat, buffer, info.sha256)
+        table = read_shard(buffer, path)
         if table.num_rows != info.num_sequences:
             raise DataError(f"{path}: {table.num_rows} sequences, index.json says {info.num_sequences}")
         views = sequence_views(table, self.dim, str(path))
@@ -127,11 +156,16 @@ class ShardReader:
         if views.vectors and sum(len(v) for v in views.vectors) < int(expected.sum()):
             raise DataError(f"{path}: fewer vectors than its sequence lengths say (truncated shard?)")
         self._views[s] = views
+        if len(self._views) > self.max_open_shards:
+            self._views.popitem(last=False)  # unmapped once no view of it is left
         return views
 
     def _shard(self, s: int) -> _ShardViews:
-        views = self._views[s]
-        return views if views is not None else self._open(s)
+        views = self._views.get(s)
+        if views is None:
+            return self._open(s)
+        self._views.move_to_end(s)
+        return views
 
     def sequence(self, i: int) -> np.ndarray:
         """Sequence `i` as a read-only (T, D) float32 view into the memory map."""
@@ -146,20 +180,32 @@ class ShardReader:
         """Copy window [offsets[j], offsets[j] + lengths[j]) of sequence ids[j] into out[j, :lengths[j]].
 
         `out` is (B, T, D). Past each row's length it is zeroed when `zero_padding`, else not touched (for
-        an `out` that is zero already): either way every element is written at most once.
+        an `out` that is zero already): either way every element is written at most once. A window that
+        does not fit `out` is a ValueError; one past the end of its sequence a DataError (the lengths the
+        windows were planned from disagree with the shard).
         """
         ids = np.asarray(ids, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
+        width = out.shape[1]
+        if not len(ids) == len(offsets) == len(lengths) <= out.shape[0]:
+            raise ValueError(f"gather: {len(ids)} ids, {len(offsets)} offsets and {len(lengths)} lengths "
+                             f"for an out of {out.shape[0]} rows")
+        if len(ids) and not (0 <= lengths.min() and lengths.max() <= width):
+            raise ValueError(f"gather: window lengths must be in [0, {width}] (out's T)")
+        if len(ids) and not (0 <= ids.min() and ids.max() < self.index.num_sequences):
+            raise IndexError(f"gather: sequence ids must be in [0, {self.index.num_sequences})")
         shards = self.shard_of(ids)
         rows = ids - self._shard_first[shards]
         starts = np.asarray(offsets, dtype=np.int64).copy()
+        if len(ids) and starts.min() < 0:
+            raise ValueError("gather: window offsets must be >= 0")
         ends = np.zeros_like(starts)
         # Vectorised per shard and record batch (a batch touches few): where each window starts, and
         # which buffer it is in; the loop below then does nothing but one memcpy per row.
         arrays: list[np.ndarray] = []
         source = np.zeros(len(ids), dtype=np.int64)
         for s in np.unique(shards).tolist():
-            views = self._views[s] or self._open(s)
+            views = self._shard(s)
             sel = np.flatnonzero(shards == s)
             first_rows = views.chunk_first_row
             chunks = np.zeros(len(sel), np.int64) if len(first_rows) == 1 else (
@@ -171,9 +217,16 @@ class ShardReader:
                 starts[csel] += views.row_offsets[c][local]
                 ends[csel] = views.row_offsets[c][local + 1]
                 source[csel] = len(arrays)
-                arrays.append(views.vectors[c])
-        assert (starts + lengths <= ends).all(), "window runs past the end of its sequence"
-        width = out.shape[1]
+                arrays.append(views.vectors[c])  # keeps the map valid should the shard be evicted meanwhile
+        past = np.flatnonzero(starts + lengths > ends)
+        if len(past):
+            j = int(past[0])
+            path = Path(self.index.root) / self.index.shards[int(shards[j])].file
+            raise DataError(
+                f"{path}: sequence {int(ids[j])} has {int(ends[j] - starts[j] + offsets[j])} vectors, a window "
+                f"asks for [{int(offsets[j])}, {int(offsets[j] + lengths[j])}); the lengths it was planned from "
+                "disagree with the shard"
+            )
         for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
             out[j, :n] = arrays[a][start : start + n]
             if zero_padding and n < width:

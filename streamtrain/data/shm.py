@@ -52,7 +52,9 @@ class BatchRing:
     """`num_workers` regions of `slots_per_worker` slots of `slot_floats` float32 each, in shared memory."""
 
     def __init__(self, num_workers: int, slots_per_worker: int, slot_floats: int):
-        assert num_workers > 0 and slots_per_worker > 0 and slot_floats > 0
+        if not (num_workers > 0 and slots_per_worker > 0 and slot_floats > 0):
+            raise ValueError(f"BatchRing needs positive sizes, got num_workers={num_workers}, "
+                             f"slots_per_worker={slots_per_worker}, slot_floats={slot_floats}")
         self.token = next(_TOKENS)
         self.num_workers = num_workers
         self.slots_per_worker = slots_per_worker
@@ -88,7 +90,8 @@ class BatchRing:
     def slot(self, worker: int, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         """The first prod(shape) floats of a slot, as an array of `shape` (a view, not a copy)."""
         numel = int(np.prod(shape))
-        assert numel <= self.slot_floats, f"batch of {numel} floats exceeds the slot size {self.slot_floats}"
+        if numel > self.slot_floats:
+            raise ValueError(f"a batch of shape {shape} ({numel} floats) exceeds the slot size {self.slot_floats}")
         return self._views()[0][worker, slot, :numel].reshape(shape)
 
     # -- main process -------------------------------------------------------------------------------

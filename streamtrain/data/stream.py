@@ -29,6 +29,12 @@ world_size 1 every item (a sequence, or each window of a long one) is yielded ex
 Workers hold the position in a small shared-memory tensor, so persistent workers see `set_epoch` and
 `load_state_dict` made in the main process.
 
+Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard it can
+read against index.json, hashing only file versions not verified before (`checksums.verify_files`, on a
+thread per core); every process that then maps a shard (this one, each worker) checks the version it
+mapped and hashes it first if it is not the verified one (`checksums.check_mapped`). Sizes, row counts and
+row lengths are checked whatever `verify`.
+
 Hand-over from workers: a `Loader` with workers allocates a `shm.BatchRing` (a few batch-sized slots per
 worker in shared memory) before the workers start. A worker writes each padded batch straight into a free
 slot and sends, per block, only slot numbers and the small per-row arrays (a `_SlotGroup`); the main
@@ -47,6 +53,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
+from streamtrain.data.checksums import index_files, verified_lengths, verify_files
 from streamtrain.data.reader import ShardReader
 from streamtrain.data.shm import BatchRing, shared_tensor
 from streamtrain.errors import DataError, UserError
@@ -108,9 +115,14 @@ class ShardStream(IterableDataset):
     max_shapes: most distinct padded T values (see `bucketing.bucket_bounds`).
     max_sequences: at most this many rows per batch (with max_tokens >= max_sequences * max_len this is
         a fixed batch size B of similar-length sequences, except the last batch of each bucket).
+    verify: check the sha256 of the lengths file and of every shard against index.json before any of its
+        rows is used, in every process (see the module docstring); False for storage you trust.
+    max_open_shards: most shards memory-mapped at once per process (default
+        `reader.DEFAULT_MAX_OPEN_SHARDS`); the least recently used is unmapped first.
 
-    Only index.json and lengths.npy are read here; shards are memory-mapped lazily in the process that
-    iterates, so the object pickles small into DataLoader workers.
+    Only index.json and lengths.npy are read here (and, with verify, every shard hashed whose file version
+    was not verified before); shards are memory-mapped lazily in the process that iterates, so the object
+    pickles small into DataLoader workers.
     """
 
     def __init__(
@@ -128,6 +140,8 @@ class ShardStream(IterableDataset):
         pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
         max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
+        verify: bool = True,
+        max_open_shards: int | None = None,
     ):
         super().__init__()
         if pad_multiple < 1:
@@ -151,6 +165,8 @@ class ShardStream(IterableDataset):
             raise UserError(f"seed must be >= 0, got {seed}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
+        if max_open_shards is not None and max_open_shards < 1:
+            raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.index: Index = read_index(root)
         self.dim = self.index.dim
         self.max_tokens = int(max_tokens)
@@ -162,15 +178,20 @@ class ShardStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
         self.max_sequences = None if max_sequences is None else int(max_sequences)
+        self.verify = bool(verify)
+        self.max_open_shards = None if max_open_shards is None else int(max_open_shards)
         self._check_shard_files()
-
-        lengths = self.index.lengths()
-        if ids is None:
-            items = bucketing.window_items(lengths, self.max_len)
-        else:
+        if ids is not None:
             ids = np.unique(np.asarray(ids, dtype=np.int64))
             if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
                 raise UserError(f"ids must be in [0, {self.index.num_sequences}), got {ids[0]}..{ids[-1]}")
+        if self.verify:
+            verify_files(index_files(self.index, self._shards_read(ids)))
+
+        lengths = verified_lengths(self.index) if self.verify else self.index.lengths()
+        if ids is None:
+            items = bucketing.window_items(lengths, self.max_len)
+        else:
             items = bucketing.window_items(lengths[ids], self.max_len, ids)
         # The items travel pickled into every DataLoader worker, and a dataset may hold 100M sequences:
         # kept compact (int32 where the values fit; ids and offsets implicit when they are 0..N-1 and 0).
@@ -210,6 +231,13 @@ class ShardStream(IterableDataset):
                 raise DataError(f"{path}: shard file is missing") from None
             if size != info.bytes:
                 raise DataError(f"{path}: {size} bytes, index.json says {info.bytes} (truncated or replaced shard)")
+
+    def _shards_read(self, ids: np.ndarray | None) -> list[int]:
+        """Numbers of the shards holding rows of `ids` (sorted, unique; None: every sequence)."""
+        if ids is None:
+            return [s for s, info in enumerate(self.index.shards) if info.num_sequences > 0]
+        shards = np.searchsorted(self.index.shard_offsets, ids, side="right") - 1  # non-decreasing
+        return shards[np.concatenate([[True], shards[1:] != shards[:-1]])].tolist() if len(shards) else []
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -293,7 +321,7 @@ class ShardStream(IterableDataset):
     @property
     def reader(self) -> ShardReader:
         if self._reader is None:
-            self._reader = ShardReader(self.index)
+            self._reader = ShardReader(self.index, verify=self.verify, max_open_shards=self.max_open_shards)
         return self._reader
 
     def _rows(self, item_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
