@@ -236,3 +236,16 @@ def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
     (raw / "d.jsonl").write_text("[[1, 2]]\n")
     code, captured = _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r4"), "--max-steps", "2")
     _assert_one_line_error(code, captured, f"--data {raw}", "d.jsonl:1")
+
+
+def _float_flags():
+    from test_config import FLOAT_FIELDS
+
+    return ["--" + name.replace("_", "-") for _, name in FLOAT_FIELDS]
+
+
+@pytest.mark.parametrize("flag", _float_flags())
+def test_a_nan_float_flag_is_one_line_naming_it(tmp_path, capsys, flag):
+    code, captured = _fit(capsys, "--synthetic", "5,5", "--out", str(tmp_path / "r"), flag, "nan")
+    _assert_one_line_error(code, captured, flag, "finite")
+    assert not (tmp_path / "r").exists()
