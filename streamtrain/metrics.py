@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamtrain.format import atomic_write_bytes
+
 __all__ = [
     "ThroughputMeter",
     "MetricsLog",
@@ -169,7 +171,8 @@ def summary_text(
 
 class MetricsLog:
     """RUN/metrics.jsonl: one JSON object per logged step, appended and flushed at once so that a crash
-    loses nothing already logged. Opening it for a resumed run drops the lines past the resumed step."""
+    loses nothing already logged. Opening it for a resumed run drops the lines past the resumed step,
+    rewriting the file atomically: a crash during the rewrite leaves the run's history as it was."""
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
@@ -187,7 +190,7 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:
                     continue  # a line cut by a crash
-            self.path.write_text("".join(k + "\n" for k in kept))
+            atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode())
         self._file = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:

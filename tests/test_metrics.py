@@ -78,3 +78,39 @@ def test_plot_loss_writes_a_png(tmp_path):
 def test_gpu_peak_table():
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert gpu_peak_tflops("Some Unknown GPU", "bf16") is None
+
+
+_REWRITE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from streamtrain.metrics import MetricsLog
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+try:
+    MetricsLog(sys.argv[1], resume_step=int(sys.argv[3]))
+except OSError as e:
+    print(f"failed: {e}")
+    sys.exit(3)
+"""
+
+
+def test_a_failure_while_rewriting_on_resume_leaves_the_history_intact(tmp_path):
+    """The rewrite on resume fails half-way (a file size limit stops the write after 4 KiB): the old
+    metrics.jsonl must be exactly as it was, and no temp file is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 201):
+        log.write({"step": step, "loss": 1.0 / step, "real_tokens_per_s": 1000.0 + step})
+    log.close()
+    before = path.read_bytes()
+    assert len(before) > 3 * 4096  # what is kept (150 lines) does not fit under the limit either
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _REWRITE_WITH_A_FILE_SIZE_LIMIT, str(path), "4096", "150"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
