@@ -469,7 +469,9 @@ class Trainer:
     def fit(self) -> int:
         t = self.cfg.train
         is_main = self.dist.is_main
-        self._view = view = LiveView(self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream)
+        self._view = view = LiveView(
+            self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream, max_seconds=t.max_seconds
+        )
         view.print(
             f"model: {self.num_params / 1e6:.2f}M parameters | device {self.device} | precision {self.precision.name}: "
             f"{self.precision.reason}"
@@ -499,7 +501,7 @@ class Trainer:
                 meter.add(int(lengths.sum()), padded, wait_s, self.model.train_flops(lengths))
                 loss_acc += loss
                 steps_acc += 1
-                view.advance(self.step)
+                view.advance(self.step, time.perf_counter() - start_s)
                 steps_run = self.step - self._fit_start_step
                 if self._estimate_horizon and steps_run >= _HORIZON_PROBE_STEPS and (
                     steps_run == _HORIZON_PROBE_STEPS or self.step % t.log_every == 0

@@ -360,3 +360,15 @@ def test_time_horizon_is_re_estimated_from_the_mean_step_time(tmp_path, dataset,
     trainer.step, now["t"] = 9_000, 30.0  # 9000 + 70 / (30 / 9000) = 30000 steps would fit
     trainer._set_horizon_from_time(0.0, first=False)
     assert trainer.decay_steps == 10_000
+
+
+def test_fit_with_max_seconds_shows_time_progress(tmp_path, dataset):
+    import io
+
+    out = io.StringIO()
+    flags = {**TINY, "quiet": False, "data": str(dataset), "out": str(tmp_path / "run"), "max_steps": 3,
+             "max_seconds": 3600.0}
+    assert run_fit(flags, stream=out) == 0
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1", "step 2", "step 3"]
+    assert all(" of 1h00m (" in line and "| ETA " in line for line in lines)
