@@ -181,6 +181,15 @@ class TrainConfig:
     peak_tflops: float | None = _opt(None, "peak of the hardware for MFU (default: measured on CPU, table on GPU)", "TFLOP/s")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)", "threads")
     quiet: bool = _opt(False, "print only errors and the final summary")
+    nonfinite: str = _opt(
+        "stop",
+        "on a NaN/Inf training loss: stop (exit code 3; checkpoints/last.pt keeps the last good weights) or skip "
+        "that step's update and go on (counted as skipped_steps in metrics.jsonl)",
+        "stop|skip",
+    )
+    nonfinite_limit: int = _opt(
+        10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
+    )
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
@@ -203,6 +212,10 @@ class TrainConfig:
             raise UserError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if self.nonfinite_limit < 1:
+            raise UserError(f"--nonfinite-limit must be >= 1, got {self.nonfinite_limit}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}

@@ -133,10 +133,11 @@ def peak_memory_mb(device) -> float:
 
 
 def training_record(
-    step: int, epoch: int, loss: float, lr: float, grad_norm: float, rates: dict[str, Any], elapsed_s: float,
+    step: int, epoch: int, loss: float | None, lr: float, grad_norm: float, rates: dict[str, Any], elapsed_s: float,
     peak_mem_mb: float,
 ) -> dict[str, Any]:
-    """One metrics.jsonl line of a logged training step (`rates`: a ThroughputMeter snapshot)."""
+    """One metrics.jsonl line of a logged training step (`rates`: a ThroughputMeter snapshot; `loss` None
+    when every step since the last log was skipped as non-finite)."""
     return {
         "step": step,
         "epoch": epoch,
@@ -150,12 +151,19 @@ def training_record(
 
 
 def summary_text(
-    steps: int, last_record: dict | None, last_val: dict | None, records: list[dict], run_dir, plot_line: str
+    steps: int, last_record: dict | None, last_val: dict | None, records: list[dict], run_dir, plot_line: str,
+    skipped_steps: int | None = None,
 ) -> str:
-    """The lines `fit` prints when it is done: steps and final loss, validation against the baselines, the
-    median real tokens/s of `records` (metrics.jsonl), the run folder and what became of the plot."""
+    """The lines `fit` prints when it is done: steps and final loss (and, with --nonfinite skip, the steps
+    skipped), validation against the baselines, the median real tokens/s of `records` (metrics.jsonl), the
+    run folder and what became of the plot."""
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"done: {steps} steps | final loss {last_record['loss']:.4g}" if last_record else f"done: {steps} steps"]
+    first = f"done: {steps} steps"
+    if last_record and last_record.get("loss") is not None:
+        first += f" | final loss {last_record['loss']:.4g}"
+    if skipped_steps is not None:
+        first += f" | {skipped_steps} non-finite steps skipped"
+    lines = [first]
     if last_val is not None:
         lines.append(
             f"validation: mse {last_val['mse']:.4g} (original units) | skill vs persistence "
@@ -339,7 +347,7 @@ class LiveView:
 
     def log(self, record: dict[str, Any]) -> None:
         """Show a metrics record (training_record: `step`, `elapsed_s`, the rates, ...)."""
-        parts = [f"loss {record['loss']:.4g}"]
+        parts = [f"loss {record['loss']:.4g}" if record["loss"] is not None else "loss n/a (steps skipped)"]
         parts.append(f"{format_rate(record['real_tokens_per_s'])} real tok/s")
         parts.append(f"pad {100 * record['pad_fraction']:.0f}%")
         parts.append(f"data-wait {100 * record['data_wait_fraction']:.0f}%")

@@ -70,6 +70,8 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
         ({"grad_accum": 0}, "--grad-accum"),
         ({"max_shapes": 0}, "--max-shapes must be >= 1"),
         ({"synthetic": "10"}, "--synthetic expects N,L"),
+        ({"nonfinite": "ignore"}, "--nonfinite must be stop or skip"),
+        ({"nonfinite_limit": 0}, "--nonfinite-limit must be >= 1"),
     ],
 )
 def test_validation_names_the_flag(flags, message):
