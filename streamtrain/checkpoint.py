@@ -11,10 +11,12 @@ A checkpoint is one `torch.save` dict::
                      fitted N to the measured step time, so a resumed run keeps that horizon
     step, epoch      optimizer steps done; epoch in progress
     loader           the training loader's state_dict (continues exactly where it stopped)
-    rng              python, numpy, torch cpu and cuda generator states
+    rng              python, numpy, torch cpu and cuda generator states (of rank 0)
+    rng_by_rank      under DDP: the same for every rank, in rank order (each rank has its own dropout stream)
     config           RunConfig.to_json()
     stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
     best_val_loss    best validation loss (standardized MSE) so far, or None
+    skipped_steps    steps whose update --nonfinite skip dropped (absent before that flag: 0)
     num_params       parameter count of the model
 
 It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a

@@ -44,6 +44,7 @@ from streamtrain.dataprep import TrainData
 from streamtrain.distributed import (
     DistInfo,
     StepControl,
+    all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
     broadcast_from_main,
@@ -79,6 +80,7 @@ __all__ = [
     "masked_sq_error",
     "valid_target_count",
     "plan_shapes",
+    "rank_seed",
     "EXIT_DIVERGED",
 ]
 
@@ -105,6 +107,12 @@ def masked_sq_error(pred: torch.Tensor, x_std: torch.Tensor, mask: torch.Tensor)
 def valid_target_count(lengths: torch.Tensor, dim: int) -> int:
     """Number of (position, dim) loss terms of a micro-batch: sum over sequences of (length - 1) * dim."""
     return int((lengths - 1).clamp(min=0).sum()) * dim
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """Seed of rank `rank`'s per-sample randomness (dropout): a pure function of (--seed, rank, ...), distinct
+    for every rank and from the stream --seed itself starts (which initialised the model)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, np.uint64)[0])
 
 
 def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
@@ -202,6 +210,8 @@ class Trainer:
         self._nonfinite_streak = 0
         self._loader_state: dict | None = None
         self._resumed = False
+        # Every rank built the same model from --seed; from here on each rank draws its own dropout masks.
+        torch.manual_seed(rank_seed(t.seed, self.dist.rank))
         if checkpoint is not None:
             self._restore(checkpoint)
         self._stop_signal: int | None = None
@@ -286,7 +296,13 @@ class Trainer:
         if self._default_warmup and scheduler.get("warmup_steps") is not None:
             self.warmup_steps = int(scheduler["warmup_steps"])  # the run's warmup, whatever its new length
         self._resumed = True
-        restore_rng_state(ckpt["rng"])
+        by_rank = ckpt.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == self.dist.world_size:
+            restore_rng_state(by_rank[self.dist.rank])
+        else:
+            restore_rng_state(ckpt["rng"])  # rank 0's, saved alone or under another world size
+            if self.dist.rank > 0:  # keep this rank's masks its own, as in the run before
+                torch.manual_seed(rank_seed(self.cfg.train.seed, self.dist.rank, self.step))
 
     def _checkpoint(self) -> dict:
         return {
@@ -315,8 +331,13 @@ class Trainer:
         # must never hold NaN/Inf weights.
         norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
         self._check_finite(float(torch.stack(norms).sum()), "the weights' norm")
+        # every rank's generators, so that each continues its own dropout stream on resume
+        rng_by_rank = all_gather_objects(self.dist, capture_rng_state()) if self.dist.enabled else None
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / name, self._checkpoint())
+            checkpoint = self._checkpoint()
+            if rng_by_rank is not None:
+                checkpoint["rng_by_rank"] = rng_by_rank
+            save_checkpoint(self.ckpt_dir / name, checkpoint)
 
     # ------------------------------------------------------------------------------------------------- data
 
