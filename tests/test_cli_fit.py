@@ -325,3 +325,66 @@ def test_a_nan_float_flag_is_one_line_naming_it(tmp_path, capsys, flag):
     code, captured = _fit(capsys, "--synthetic", "5,5", "--out", str(tmp_path / "r"), flag, "nan")
     _assert_one_line_error(code, captured, flag, "finite")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """make(size_bytes) -> (folder, how): a real tmpfs of that size (needs root, as CI runs), unmounted after
+    the test; where mounting is refused, a plain folder where every checkpoint save after the first fails
+    with ENOSPC half-way through (how says which; the fallback also warns, so it never passes silently)."""
+    import errno
+    import shutil
+    import warnings
+
+    mounted = []
+
+    def make(size_bytes):
+        folder = tmp_path / "disk"
+        folder.mkdir()
+        mount = shutil.which("mount")
+        result = None
+        if mount is not None:
+            result = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+                                    capture_output=True, text=True)
+        if result is not None and result.returncode == 0:
+            mounted.append(folder)
+            print(f"full disk: a {size_bytes}-byte tmpfs at {folder}")
+            return folder, "tmpfs"
+        reason = "no mount command" if result is None else (result.stderr.strip() or f"exit {result.returncode}")
+        warnings.warn(f"cannot mount a tmpfs ({reason}): ENOSPC is injected into checkpoint saves instead")
+        import torch
+
+        real_save, calls = torch.save, []
+
+        def save_on_a_full_disk(obj, f, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                return real_save(obj, f, *args, **kwargs)
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+        return folder, "injected ENOSPC"
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, small_disk):
+    from streamtrain.checkpoint import load_checkpoint
+
+    data = tmp_path / "data"
+    write_dataset(data, _sequences(23))
+    common = ["--data", str(data), "--batch-tokens", "64", "--save-every", "2", "--quiet"]
+    # a run folder on a disk that holds one checkpoint and a half (a save writes the new one next to the old)
+    assert _fit(capsys, *common, "--out", str(tmp_path / "probe"), "--max-steps", "1")[0] == 0
+    checkpoint_bytes = (tmp_path / "probe/checkpoints/last.pt").stat().st_size
+    folder, how = small_disk(int(1.5 * checkpoint_bytes) + 64 * 1024)
+    run = folder / "run"
+    code, captured = _fit(capsys, *common, "--out", str(run), "--max-steps", "6")
+    print(f"full disk simulated by: {how}")
+    last = run / "checkpoints/last.pt"
+    _assert_one_line_error(code, captured, str(last), "the disk is full", "the previous last.pt is intact", "--resume")
+    assert load_checkpoint(last)["step"] == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]  # the cut save left nothing
