@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by fit (RUN/checkpoints/best.pt)")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder to evaluate on")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096; raised to hold one window of the training context, which sets the windows)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096; at least one window of the training context)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader worker processes (default 0)")
     parser.add_argument(
