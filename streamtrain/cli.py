@@ -1,7 +1,8 @@
 """The `streamtrain` command. Subcommands live in streamtrain/commands/, one module each, with
 `add_arguments(parser)` and `run(args) -> int`; they import heavy libraries inside `run` so `--help` is instant.
 
-This is the only place that turns a user error into a message: one line on stderr, exit code 2.
+This is the only place that turns a user error into a message: one line on stderr, exit code 2 (3 when
+training diverged, `train.EXIT_DIVERGED`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"streamtrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"streamtrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -37,12 +38,25 @@ __all__ = [
 COMPILE_MAX_SHAPES = 16  # default --max-shapes with --compile: each padded length T costs a compilation
 
 
-def _opt(default: Any, help: str, unit: str = "", flag: bool = True) -> Any:
-    return field(default=default, metadata={"help": help, "unit": unit, "flag": flag})
+def _opt(default: Any, help: str, unit: str = "", flag: bool = True, inf_ok: bool = False) -> Any:
+    """A config field. `inf_ok`: a float field where +inf means "no limit"; every other float must be finite."""
+    return field(default=default, metadata={"help": help, "unit": unit, "flag": flag, "inf_ok": inf_ok})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _check_finite_floats(obj: Any) -> None:
+    """Reject NaN (which compares false with every bound, so range checks let it through) and +-inf in every
+    float field of the dataclass `obj`, except +inf where the field allows it."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if value == math.inf and f.metadata.get("inf_ok"):
+            continue
+        raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
 
 
 @dataclass
@@ -56,6 +70,7 @@ class ModelConfig:
     input_norm: bool = _opt(False, "apply a LayerNorm to the (standardized) input vectors before the embedding")
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         for name in ("dim", "d_model", "layers", "heads", "ff"):
             if getattr(self, name) < 1:
                 raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -94,6 +109,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         if self.synthetic is not None:
             parse_synthetic(self.synthetic)
         if not 0.0 <= self.val_fraction < 1.0:
@@ -121,9 +137,10 @@ class OptimConfig:
     decay_steps: int | None = _opt(
         None, "step at which the cosine decay ends (default: the run's total steps; fix it to extend a run by resuming)", "steps"
     )
-    clip: float = _opt(1.0, "clip the global gradient norm to this value (0: no clipping)", "L2 norm")
+    clip: float = _opt(1.0, "clip the global gradient norm to this value (0 or inf: no clipping)", "L2 norm", inf_ok=True)
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_fraction <= 1.0:
@@ -168,8 +185,18 @@ class TrainConfig:
     peak_tflops: float | None = _opt(None, "peak of the hardware for MFU (default: measured on CPU, table on GPU)", "TFLOP/s")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)", "threads")
     quiet: bool = _opt(False, "print only errors and the final summary")
+    nonfinite: str = _opt(
+        "stop",
+        "on a NaN/Inf training loss: stop (exit code 3; checkpoints/last.pt keeps the last good weights) or skip "
+        "that step's update and go on (counted as skipped_steps in metrics.jsonl)",
+        "stop|skip",
+    )
+    nonfinite_limit: int = _opt(
+        10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
+    )
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         for name in ("epochs", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -189,6 +216,10 @@ class TrainConfig:
             raise UserError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if self.nonfinite_limit < 1:
+            raise UserError(f"--nonfinite-limit must be >= 1, got {self.nonfinite_limit}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -290,9 +321,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"--config {path}: cannot read ({e.strerror})") from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
-
-            obj = tomllib.loads(raw_bytes.decode())
+            obj = _toml_module(path).loads(raw_bytes.decode())
         else:
             obj = json.loads(raw_bytes)
     except (ValueError, UnicodeDecodeError) as e:
@@ -300,6 +329,25 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise UserError(f"--config {path}: expected a table/object at the top level")
     return _flatten(obj, f"--config {path}")
+
+
+def _toml_module(path: Path):
+    """tomllib (Python 3.11+), else its backport tomli (the same API)."""
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:
+        pass
+    try:
+        import tomli
+
+        return tomli
+    except ImportError:
+        raise UserError(
+            f"--config {path}: reading TOML needs Python 3.11+ or the tomli package (pip install tomli); "
+            "or give the options as a JSON file"
+        ) from None
 
 
 def _flatten(obj: dict, source: str) -> dict[str, Any]:

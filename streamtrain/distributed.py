@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_max",
     "broadcast_from_main",
+    "all_gather_objects",
 ]
 
 
@@ -104,3 +105,12 @@ def broadcast_from_main(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     if info.enabled:
         dist.broadcast(values, src=0)
     return values
+
+
+def all_gather_objects(info: DistInfo, obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank (a list of one alone)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

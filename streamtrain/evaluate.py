@@ -27,6 +27,7 @@ __all__ = [
     "accumulate_eval",
     "eval_summary",
     "evaluate_checkpoint",
+    "eval_context",
     "model_offsets",
     "standardization",
 ]
@@ -184,6 +185,20 @@ def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
     return report
 
 
+def eval_context(train_config: dict, batch_tokens: int) -> tuple[int, int]:
+    """(max_len, max_tokens) to evaluate a model trained with `train_config` (RunConfig.to_json()) at: windows
+    of the context it was trained with (its --max-len, else the longest row its --batch-tokens held), and
+    a batch budget of at least one such row. Windowing at eval's own budget would score positions the model
+    never attended over, and make the result depend on eval's --batch-tokens."""
+    from streamtrain.config import DataConfig
+    from streamtrain.data import bucketing
+
+    pad = bucketing.DEFAULT_PAD_MULTIPLE
+    data = train_config.get("data", {})
+    max_len = data.get("max_len") or bucketing.longest_row(data.get("batch_tokens", DataConfig.batch_tokens), pad)
+    return max_len, max(batch_tokens, -(-max_len // pad) * pad)
+
+
 def evaluate_checkpoint(
     checkpoint_path: str | Path,
     data_dir: str | Path,
@@ -193,7 +208,9 @@ def evaluate_checkpoint(
     onehot: tuple[int, int] | None = None,
     verify: bool = True,
 ) -> dict:
-    """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order);
+    """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order), in
+    windows of the training context (`eval_context`); the report adds that window length (`max_len`) and
+    the batch budget used (`batch_tokens`, raised from the one given when a window needs more).
     `verify`: check the dataset's checksums before use (see ShardStream)."""
     from streamtrain.checkpoint import load_checkpoint
     from streamtrain.config import ModelConfig
@@ -217,8 +234,9 @@ def evaluate_checkpoint(
     model.to(dev)
     stats = checkpoint["stats"]
     mean, std = stats["mean"], stats["std"]
-    stream = ShardStream(str(data_dir), max_tokens=batch_tokens, seed=0, shuffle=False, rank=0, world_size=1,
-                         verify=verify)
+    max_len, max_tokens = eval_context(checkpoint["config"], batch_tokens)
+    stream = ShardStream(str(data_dir), max_tokens=max_tokens, seed=0, shuffle=False, rank=0, world_size=1,
+                         max_len=max_len, verify=verify)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
     sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
-    return eval_summary(sums, onehot)
+    return {**eval_summary(sums, onehot), "max_len": max_len, "batch_tokens": max_tokens}

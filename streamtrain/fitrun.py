@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from streamtrain.checkpoint import load_checkpoint
+from streamtrain.checkpoint import load_checkpoint, remove_temp_files
 from streamtrain.config import (
     COMPILE_MAX_SHAPES,
     ModelConfig,
@@ -57,6 +57,7 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
     try:
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_temp_files(run_dir / "checkpoints")  # what a crash during a save left
             data = prepare_data(cfg, run_dir, is_main=True)
         if dist_info.enabled:
             dist.barrier()

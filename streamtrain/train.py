@@ -44,6 +44,7 @@ from streamtrain.dataprep import TrainData
 from streamtrain.distributed import (
     DistInfo,
     StepControl,
+    all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
     broadcast_from_main,
@@ -79,6 +80,7 @@ __all__ = [
     "masked_sq_error",
     "valid_target_count",
     "plan_shapes",
+    "rank_seed",
     "EXIT_DIVERGED",
 ]
 
@@ -88,7 +90,9 @@ _HORIZON_PROBE_STEPS = 20  # steps timed before --max-seconds first sets the sch
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or Inf."""
+    """The loss became NaN or Inf: the command exits with EXIT_DIVERGED."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def masked_sq_error(pred: torch.Tensor, x_std: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,6 +107,12 @@ def masked_sq_error(pred: torch.Tensor, x_std: torch.Tensor, mask: torch.Tensor)
 def valid_target_count(lengths: torch.Tensor, dim: int) -> int:
     """Number of (position, dim) loss terms of a micro-batch: sum over sequences of (length - 1) * dim."""
     return int((lengths - 1).clamp(min=0).sum()) * dim
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """Seed of rank `rank`'s per-sample randomness (dropout): a pure function of (--seed, rank, ...), distinct
+    for every rank and from the stream --seed itself starts (which initialised the model)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, np.uint64)[0])
 
 
 def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
@@ -194,8 +204,14 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.best_val_loss: float | None = None
+        # --nonfinite skip: steps whose update was dropped (over the run) and the current run of them
+        self._skip_nonfinite = t.nonfinite == "skip"
+        self.skipped_steps = 0
+        self._nonfinite_streak = 0
         self._loader_state: dict | None = None
         self._resumed = False
+        # Every rank built the same model from --seed; from here on each rank draws its own dropout masks.
+        torch.manual_seed(rank_seed(t.seed, self.dist.rank))
         if checkpoint is not None:
             self._restore(checkpoint)
         self._stop_signal: int | None = None
@@ -270,6 +286,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["epoch"])
         self.best_val_loss = ckpt.get("best_val_loss")
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self._loader_state = ckpt["loader"]
         scheduler = ckpt.get("scheduler", {})
         if scheduler.get("estimated") and self.cfg.optim.decay_steps is None:
@@ -279,7 +296,13 @@ class Trainer:
         if self._default_warmup and scheduler.get("warmup_steps") is not None:
             self.warmup_steps = int(scheduler["warmup_steps"])  # the run's warmup, whatever its new length
         self._resumed = True
-        restore_rng_state(ckpt["rng"])
+        by_rank = ckpt.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == self.dist.world_size:
+            restore_rng_state(by_rank[self.dist.rank])
+        else:
+            restore_rng_state(ckpt["rng"])  # rank 0's, saved alone or under another world size
+            if self.dist.rank > 0:  # keep this rank's masks its own, as in the run before
+                torch.manual_seed(rank_seed(self.cfg.train.seed, self.dist.rank, self.step))
 
     def _checkpoint(self) -> dict:
         return {
@@ -299,6 +322,7 @@ class Trainer:
             "config": self.cfg.to_json(),
             "stats": {"mean": self.mean.tolist(), "std": self.std.tolist()},
             "best_val_loss": self.best_val_loss,
+            "skipped_steps": self.skipped_steps,
             "num_params": self.num_params,
         }
 
@@ -307,8 +331,13 @@ class Trainer:
         # must never hold NaN/Inf weights.
         norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
         self._check_finite(float(torch.stack(norms).sum()), "the weights' norm")
+        # every rank's generators, so that each continues its own dropout stream on resume
+        rng_by_rank = all_gather_objects(self.dist, capture_rng_state()) if self.dist.enabled else None
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / name, self._checkpoint())
+            checkpoint = self._checkpoint()
+            if rng_by_rank is not None:
+                checkpoint["rng_by_rank"] = rng_by_rank
+            save_checkpoint(self.ckpt_dir / name, checkpoint)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -361,20 +390,37 @@ class Trainer:
         count = sum(valid_target_count(b.lengths, self.cfg.model.dim) for b in group)
         return exchange_step_control(self.dist, self.device, count, self._stop_signal is not None, self._time_is_up_locally())
 
-    def _train_step(self, group: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the micro-batches of `group`; returns (loss, grad_norm) as tensors
-        (no host sync here beyond the control exchange under DDP)."""
+    def _train_step(self, group: list) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
+        """One optimizer step over the micro-batches of `group`; returns (loss, grad_norm, finite): loss and
+        grad_norm as tensors (no host sync here beyond the control exchange under DDP). `finite` is None
+        unless --nonfinite skip, where a step with a NaN/Inf loss (or gradient norm, unless a GradScaler
+        handles overflowing gradients itself) drops its update and returns False."""
         self._control = self._exchange_control(group)
         loss = self.accumulate_gradients(group, self._control.target_count)
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip if self.cfg.optim.clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        finite = None
+        if self._skip_nonfinite:
+            finite = self._step_is_finite(loss, grad_norm, scaler.is_enabled())
+            if not finite:
+                scaler.update()  # after unscale_ it saw the NaN/Inf gradients: an fp16 scale backs off
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss, grad_norm, False
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.decay_steps, self.warmup_steps))
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return loss, grad_norm, finite
+
+    def _step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> bool:
+        """Whether the step's loss (summed over ranks, so that every rank decides alike) and, without a
+        GradScaler, its gradient norm (the same on every rank after DDP's all-reduce) are finite. One host
+        sync per step, and under DDP one all-reduce: the price of --nonfinite skip."""
+        step_loss = all_reduce_sum(self.dist, loss.reshape(1).to(torch.float64))
+        checks = step_loss if scaled else torch.cat([step_loss, grad_norm.reshape(1).to(torch.float64)])
+        return bool(torch.isfinite(checks).all())
 
     def accumulate_gradients(self, group: list, target_count: int | None = None) -> torch.Tensor:
         """Forward + backward of every micro-batch of `group`, normalized by the step's count of valid
@@ -459,17 +505,33 @@ class Trainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         if not math.isfinite(value):
-            last = self.ckpt_dir / "last.pt"
-            keep = f"; {last} holds the last good weights" if last.exists() else ""
-            raise TrainingDiverged(
-                f"{what} became {value} by step {self.step}{keep}. Lower --lr, raise --warmup-steps, "
-                "set --clip, or use --precision fp32"
+            raise self._diverged(f"{what} became {value} by step {self.step}")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = self.ckpt_dir / "last.pt"
+        keep = f"; {last} holds the last good weights" if last.exists() else ""
+        return TrainingDiverged(
+            f"{what}{keep}. Lower --lr, raise --warmup-steps, set --clip, or use --precision fp32"
+        )
+
+    def _count_nonfinite(self) -> None:
+        """A step whose update --nonfinite skip dropped; too many in a row stop the run."""
+        self.skipped_steps += 1
+        self._nonfinite_streak += 1
+        limit = self.cfg.train.nonfinite_limit
+        if self._nonfinite_streak >= limit:
+            raise self._diverged(
+                f"the training loss was NaN/Inf for {limit} consecutive steps (steps {self.step - limit + 1} to "
+                f"{self.step}, updates skipped: --nonfinite-limit {limit})"
             )
+        self._print(f"step {self.step}: NaN/Inf loss, update skipped ({self.skipped_steps} so far)")
 
     def fit(self) -> int:
         t = self.cfg.train
         is_main = self.dist.is_main
-        self._view = view = LiveView(self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream)
+        self._view = view = LiveView(
+            self.total_steps, self.step, quiet=t.quiet or not is_main, stream=self.stream, max_seconds=t.max_seconds
+        )
         view.print(
             f"model: {self.num_params / 1e6:.2f}M parameters | device {self.device} | precision {self.precision.name}: "
             f"{self.precision.reason}"
@@ -492,14 +554,18 @@ class Trainer:
                 view.print(f"nothing to do: step {self.step} already reached --max-steps/--epochs ({self.total_steps})")
             for epoch, group, wait_s in self._step_groups() if self.step < self.total_steps else ():
                 self.epoch = epoch
-                loss, grad_norm = self._train_step(group)
+                loss, grad_norm, finite = self._train_step(group)
                 self.step += 1
                 lengths = torch.cat([b.lengths for b in group])
                 padded = sum(b.mask.numel() for b in group)
                 meter.add(int(lengths.sum()), padded, wait_s, self.model.train_flops(lengths))
-                loss_acc += loss
-                steps_acc += 1
-                view.advance(self.step)
+                if finite is False:
+                    self._count_nonfinite()
+                else:
+                    self._nonfinite_streak = 0
+                    loss_acc += loss
+                    steps_acc += 1
+                view.advance(self.step, time.perf_counter() - start_s)
                 steps_run = self.step - self._fit_start_step
                 if self._estimate_horizon and steps_run >= _HORIZON_PROBE_STEPS and (
                     steps_run == _HORIZON_PROBE_STEPS or self.step % t.log_every == 0
@@ -530,7 +596,7 @@ class Trainer:
                         last_record = record
                 stop = self._stop_requested()
                 if (t.save_every and self.step % t.save_every == 0) or last_step or stop:
-                    if record is None or "loss" not in record:
+                    if finite is None and (record is None or "loss" not in record):
                         self._check_finite(float(loss), "training loss")
                     save_start_s = time.perf_counter()
                     self._save("last.pt")
@@ -608,19 +674,24 @@ class Trainer:
             torch.tensor([meter.real_tokens, meter.padded_tokens, meter.flops], dtype=torch.float64, device=self.device),
         ])
         loss_sum, real_tokens, padded_tokens, flops = all_reduce_sum(self.dist, packed).tolist()
-        loss = loss_sum / max(steps_acc, 1)
-        self._check_finite(loss, "training loss")
+        loss = loss_sum / steps_acc if steps_acc else None  # None: --nonfinite skip dropped every step since the last log
+        if loss is not None:
+            self._check_finite(loss, "training loss")
         meter.real_tokens, meter.padded_tokens, meter.flops = int(real_tokens), int(padded_tokens), flops
-        return training_record(
+        record = training_record(
             self.step, self.epoch, loss, self.optimizer.param_groups[0]["lr"], float(grad_norm), meter.snapshot(),
             time.perf_counter() - start_s, peak_memory_mb(self.device),
         )
+        if self._skip_nonfinite:
+            record["skipped_steps"] = self.skipped_steps
+        return record
 
     def _summary(self, last_record: dict | None, last_val: dict | None) -> None:
         path = self.run_dir / "metrics.jsonl"
         records = read_metrics(path) if path.exists() else []
         plot_line = plot_loss(self.run_dir)
-        print(summary_text(self.step, last_record, last_val, records, self.run_dir, plot_line), file=self.stream, flush=True)
+        skipped = self.skipped_steps if self._skip_nonfinite else None
+        print(summary_text(self.step, last_record, last_val, records, self.run_dir, plot_line, skipped), file=self.stream, flush=True)
 
 
 def _in_main_thread() -> bool:

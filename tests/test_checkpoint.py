@@ -47,9 +47,15 @@ def test_rng_state_round_trip(deterministic_rng):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
-def test_rng_state_saves_with_weights_only(tmp_path):
+def test_rng_state_saves_with_weights_only(tmp_path, deterministic_rng):
+    """The state survives torch.save + torch.load(weights_only=True): restored from the file, every generator
+    repeats what it drew right after the capture."""
     save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(5)  # move every generator on
     restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
 def test_missing_or_foreign_files_are_user_errors(tmp_path):

@@ -31,9 +31,43 @@ def _assert_one_line_error(code, captured, *fragments):
         assert fragment in lines[0]
 
 
-def _sequences(n, dim=6, seed=0):
+def _sequences(n, dim=6, seed=0, max_len=30):
     rng = np.random.default_rng(seed)
-    return [np.cumsum(rng.normal(size=(int(rng.integers(2, 30)), dim)), axis=0).astype(np.float32) for _ in range(n)]
+    return [np.cumsum(rng.normal(size=(int(rng.integers(2, max_len)), dim)), axis=0).astype(np.float32) for _ in range(n)]
+
+
+def _reference_eval(checkpoint_path, seqs, context):
+    """MSE of the checkpoint's model and of the persistence and mean predictors over every target of `seqs`,
+    in float64 numpy. The model runs on one window at a time: `context` vectors overlapping the previous
+    window by one (window k starts at k * (context - 1)), encoded at their positions in the sequence."""
+    import torch
+
+    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.config import ModelConfig
+    from streamtrain.model import CausalTransformer
+
+    ckpt = load_checkpoint(checkpoint_path)
+    model = CausalTransformer(ModelConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    mean = np.asarray(ckpt["stats"]["mean"], np.float64)
+    std = np.asarray(ckpt["stats"]["std"], np.float64)
+    std = np.where(std > 0, std, 1.0)
+    data_mean = np.concatenate(seqs).astype(np.float64).mean(axis=0)
+    sq = {"mse": [], "persistence_mse": [], "mean_mse": []}
+    for s in seqs:
+        s = s.astype(np.float64)
+        sq["persistence_mse"].append((s[1:] - s[:-1]) ** 2)
+        sq["mean_mse"].append((s[1:] - data_mean) ** 2)
+        for start in range(0, len(s) - 1, context - 1):
+            w = s[start : start + context]
+            x = torch.from_numpy(((w - mean) / std).astype(np.float32))[None]
+            with torch.no_grad():
+                pred = model(x, torch.tensor([start]))[0].double().numpy()
+            sq["mse"].append((pred[:-1] * std + mean - w[1:]) ** 2)
+    ref = {key: float(np.concatenate(parts).mean()) for key, parts in sq.items()}
+    ref["num_targets"] = len(np.concatenate(sq["mse"]))
+    return ref
 
 
 def test_synthetic_fit_writes_the_run_folder_then_eval_reports(tmp_path, capsys):
@@ -60,7 +94,13 @@ def test_synthetic_fit_writes_the_run_folder_then_eval_reports(tmp_path, capsys)
             "num_sequences", "num_tokens", "num_targets"} <= set(report)
     assert report["num_sequences"] == 41 and report["num_tokens"] == 41 * 24 and report["num_targets"] == 41 * 23
     assert len(report["per_dim_mse"]) == 28
-    assert report["skill_vs_persistence"] == pytest.approx(1 - report["mse"] / report["persistence_mse"])
+    from streamtrain.synthetic import synthetic_sequences
+
+    ref = _reference_eval(run / "checkpoints/best.pt", list(synthetic_sequences(41, 24, dim=28, seed=0)), context=256)
+    for key in ("mse", "persistence_mse", "mean_mse"):
+        assert report[key] == pytest.approx(ref[key], rel=1e-5), key
+    assert report["skill_vs_persistence"] == pytest.approx(1 - ref["mse"] / ref["persistence_mse"], rel=1e-5)
+    assert report["skill_vs_mean"] == pytest.approx(1 - ref["mse"] / ref["mean_mse"], rel=1e-5)
 
 
 def test_eval_baselines_match_a_numpy_reference(tmp_path, capsys):
@@ -69,17 +109,53 @@ def test_eval_baselines_match_a_numpy_reference(tmp_path, capsys):
     data = tmp_path / "data"
     index = write_dataset(data, seqs)
     run = tmp_path / "run"
-    assert _fit(capsys, "--data", str(data), "--out", str(run), "--max-steps", "2")[0] == 0
-    # a small budget windows the longest sequences: every target must still count once
+    # a short training context windows the longest sequences at eval: every target must still count once
+    assert _fit(capsys, "--data", str(data), "--out", str(run), "--max-steps", "2", "--batch-tokens", "64",
+                "--max-len", "8")[0] == 0
     assert main(["eval", "--checkpoint", str(run / "checkpoints/last.pt"), "--data", str(data), "--json",
                  "--batch-tokens", "16"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["max_len"] == 8
     persistence = np.concatenate([(s[1:].astype(np.float64) - s[:-1]) ** 2 for s in seqs])
     mean = np.concatenate([(s[1:].astype(np.float64) - index.mean) ** 2 for s in seqs])
     assert report["num_targets"] == len(persistence)
     assert report["num_sequences"] == 24 and report["num_tokens"] == sum(len(s) for s in seqs)
     assert report["persistence_mse"] == pytest.approx(persistence.mean(), rel=1e-9)
     assert report["mean_mse"] == pytest.approx(mean.mean(), rel=1e-9)
+    assert report["mse"] == pytest.approx(_reference_eval(run / "checkpoints/last.pt", seqs, context=8)["mse"], rel=1e-7)
+
+
+@pytest.mark.parametrize("train_flags, context", [(("--batch-tokens", "64", "--max-len", "20"), 20),
+                                                   (("--batch-tokens", "32"), 32)], ids=["max-len", "batch-tokens"])
+def test_eval_windows_at_the_training_context(tmp_path, capsys, train_flags, context):
+    """A model trained on windows of `context` vectors is evaluated on windows of `context` vectors, whatever
+    eval's --batch-tokens (raised, with a note, when one window does not fit), and agrees with the final
+    validation of fit on the same data."""
+    seqs = _sequences(19, max_len=80)
+    data = tmp_path / "data"
+    write_dataset(data, seqs)
+    run = tmp_path / "run"
+    code, captured = _fit(capsys, "--data", str(data), "--val-data", str(data), "--out", str(run),
+                          "--max-steps", "3", *train_flags)
+    assert code == 0, captured.err
+    val_mse = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_mse"]
+    ref = _reference_eval(run / "checkpoints/last.pt", seqs, context)
+    assert max(len(s) for s in seqs) > 2 * context  # several windows per long sequence
+    for batch_tokens in ("16", "4096"):
+        code = main(["eval", "--checkpoint", str(run / "checkpoints/last.pt"), "--data", str(data), "--json",
+                     "--batch-tokens", batch_tokens])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        report = json.loads(captured.out)
+        assert report["max_len"] == context and report["num_targets"] == ref["num_targets"]
+        assert report["mse"] == pytest.approx(ref["mse"], rel=1e-7)
+        assert report["mse"] == pytest.approx(val_mse, rel=1e-7)
+        raised = -(-context // 8) * 8
+        if batch_tokens == "16":
+            assert report["batch_tokens"] == raised
+            assert f"--batch-tokens 16 raised to {raised}" in captured.err
+        else:
+            assert report["batch_tokens"] == 4096 and captured.err == ""
 
 
 def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
@@ -281,3 +357,79 @@ def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
     (raw / "d.jsonl").write_text("[[1, 2]]\n")
     code, captured = _fit(capsys, "--data", str(raw), "--out", str(tmp_path / "r4"), "--max-steps", "2")
     _assert_one_line_error(code, captured, f"--data {raw}", "d.jsonl:1")
+
+
+def _float_flags():
+    from test_config import FLOAT_FIELDS
+
+    return ["--" + name.replace("_", "-") for _, name in FLOAT_FIELDS]
+
+
+@pytest.mark.parametrize("flag", _float_flags())
+def test_a_nan_float_flag_is_one_line_naming_it(tmp_path, capsys, flag):
+    code, captured = _fit(capsys, "--synthetic", "5,5", "--out", str(tmp_path / "r"), flag, "nan")
+    _assert_one_line_error(code, captured, flag, "finite")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """make(size_bytes) -> (folder, how): a real tmpfs of that size (needs root, as CI runs), unmounted after
+    the test; where mounting is refused, a plain folder where every checkpoint save after the first fails
+    with ENOSPC half-way through (how says which; the fallback also warns, so it never passes silently)."""
+    import errno
+    import shutil
+    import warnings
+
+    mounted = []
+
+    def make(size_bytes):
+        folder = tmp_path / "disk"
+        folder.mkdir()
+        mount = shutil.which("mount")
+        result = None
+        if mount is not None:
+            result = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+                                    capture_output=True, text=True)
+        if result is not None and result.returncode == 0:
+            mounted.append(folder)
+            print(f"full disk: a {size_bytes}-byte tmpfs at {folder}")
+            return folder, "tmpfs"
+        reason = "no mount command" if result is None else (result.stderr.strip() or f"exit {result.returncode}")
+        warnings.warn(f"cannot mount a tmpfs ({reason}): ENOSPC is injected into checkpoint saves instead")
+        import torch
+
+        real_save, calls = torch.save, []
+
+        def save_on_a_full_disk(obj, f, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                return real_save(obj, f, *args, **kwargs)
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+        return folder, "injected ENOSPC"
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, small_disk):
+    from streamtrain.checkpoint import load_checkpoint
+
+    data = tmp_path / "data"
+    write_dataset(data, _sequences(23))
+    common = ["--data", str(data), "--batch-tokens", "64", "--save-every", "2", "--quiet"]
+    # a run folder on a disk that holds one checkpoint and a half (a save writes the new one next to the old)
+    assert _fit(capsys, *common, "--out", str(tmp_path / "probe"), "--max-steps", "1")[0] == 0
+    checkpoint_bytes = (tmp_path / "probe/checkpoints/last.pt").stat().st_size
+    folder, how = small_disk(int(1.5 * checkpoint_bytes) + 64 * 1024)
+    run = folder / "run"
+    code, captured = _fit(capsys, *common, "--out", str(run), "--max-steps", "6")
+    print(f"full disk simulated by: {how}")
+    last = run / "checkpoints/last.pt"
+    _assert_one_line_error(code, captured, str(last), "the disk is full", "the previous last.pt is intact", "--resume")
+    assert load_checkpoint(last)["step"] == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]  # the cut save left nothing

@@ -69,3 +69,99 @@ def test_resume_needs_a_checkpoint_and_a_new_run_needs_a_fresh_folder(tmp_path, 
     assert run_fit({**TINY, "data": str(dataset), "out": str(tmp_path / "r"), "max_steps": 1}) == 0
     with pytest.raises(UserError, match="already holds a run"):
         run_fit({**TINY, "data": str(dataset), "out": str(tmp_path / "r"), "max_steps": 1})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: a fit killed at any moment resumes to the weights of an uninterrupted run
+
+FAULT_STEPS = 40  # the run's horizon (--decay-steps), so that a run's schedule does not depend on where it stops
+
+
+@pytest.fixture(scope="module")
+def fault_setup(tmp_path_factory):
+    """A dataset, the common flags, and the weights of an uninterrupted FAULT_STEPS-step run."""
+    import torch
+
+    root = tmp_path_factory.mktemp("faults")
+    write_dataset(root / "data", _sequences(37), shard_bytes=1500)
+    flags = {**TINY, "data": str(root / "data"), "batch_tokens": 96, "dropout": 0.1, "lr": 3e-3,
+             "decay_steps": FAULT_STEPS, "save_every": 4, "threads": torch.get_num_threads(), "peak_tflops": 1.0}
+    assert run_fit({**flags, "out": str(root / "reference"), "max_steps": FAULT_STEPS}) == 0
+    return flags, load_checkpoint(root / "reference/checkpoints/last.pt")["model"]
+
+
+def _cli_args(flags: dict) -> list[str]:
+    args = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def _temp_files(out):
+    return sorted((out / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["exit-in-checkpoint-write", "sigkill-in-checkpoint-write", "sigkill-in-a-step"])
+def test_a_killed_fit_resumes_to_the_uninterrupted_weights(tmp_path, fault_setup, fault):
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from streamtrain.errors import UserError
+
+    flags, reference = fault_setup
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    if fault == "exit-in-checkpoint-write":  # os._exit half-way through the third save (step 12)
+        env.update(STREAMTRAIN_TEST_CRASH_AT="checkpoint-write", STREAMTRAIN_TEST_AT_SAVE="3")
+    elif fault == "sigkill-in-checkpoint-write":  # kill -9 half-way through the second save (step 8)
+        env.update(STREAMTRAIN_TEST_PAUSE_AT="checkpoint-write", STREAMTRAIN_TEST_AT_SAVE="2")
+    # far more steps than the test lets it run: it is stopped by the fault, never by its end
+    argv = [sys.executable, "-m", "streamtrain", "fit", *_cli_args(flags), "--out", str(out), "--max-steps", "2000"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        if fault == "sigkill-in-checkpoint-write":
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready and proc.stderr.readline().strip() == "paused at checkpoint-write"
+            proc.kill()
+        elif fault == "sigkill-in-a-step":
+            metrics = out / "metrics.jsonl"
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+                    break
+                time.sleep(0.002)
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (86 if fault == "exit-in-checkpoint-write" else -signal.SIGKILL), err
+
+    # the newest complete checkpoint loads; the save cut short left at most a temp file, which is no checkpoint
+    last = load_checkpoint(out / "checkpoints/last.pt")
+    expected = {"exit-in-checkpoint-write": {8}, "sigkill-in-checkpoint-write": {4}}.get(fault, {4, 8, 12, 16})
+    assert last["step"] in expected
+    temps = _temp_files(out)
+    if fault != "sigkill-in-a-step":
+        assert len(temps) == 1 and temps[0].stat().st_size > 0  # half a checkpoint
+    for temp in temps:
+        with pytest.raises(UserError):
+            load_checkpoint(temp)
+
+    assert run_fit({"out": str(out), "max_steps": FAULT_STEPS, "quiet": True}, resume=True) == 0
+    assert _temp_files(out) == []  # cleaned when the resumed run started
+    resumed = load_checkpoint(out / "checkpoints/last.pt")
+    assert resumed["step"] == FAULT_STEPS
+    for name, weights in reference.items():
+        assert torch.equal(resumed["model"][name], weights), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, FAULT_STEPS + 1))

@@ -1,8 +1,10 @@
 """Metrics: throughput arithmetic, metrics.jsonl append/truncate, the plot, the GPU peak table."""
 
+import io
 import json
 
 from streamtrain.metrics import (
+    LiveView,
     MetricsLog,
     ThroughputMeter,
     gpu_peak_tflops,
@@ -78,3 +80,95 @@ def test_plot_loss_writes_a_png(tmp_path):
 def test_gpu_peak_table():
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert gpu_peak_tflops("Some Unknown GPU", "bf16") is None
+
+
+_REWRITE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from streamtrain.metrics import MetricsLog
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+try:
+    MetricsLog(sys.argv[1], resume_step=int(sys.argv[3]))
+except OSError as e:
+    print(f"failed: {e}")
+    sys.exit(3)
+"""
+
+
+def test_a_failure_while_rewriting_on_resume_leaves_the_history_intact(tmp_path):
+    """The rewrite on resume fails half-way (a file size limit stops the write after 4 KiB): the old
+    metrics.jsonl must be exactly as it was, and no temp file is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 201):
+        log.write({"step": step, "loss": 1.0 / step, "real_tokens_per_s": 1000.0 + step})
+    log.close()
+    before = path.read_bytes()
+    assert len(before) > 3 * 4096  # what is kept (150 lines) does not fit under the limit either
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _REWRITE_WITH_A_FILE_SIZE_LIMIT, str(path), "4096", "150"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _record(step, elapsed_s):
+    return {"step": step, "epoch": 0, "loss": 0.5, "lr": 1e-3, "real_tokens_per_s": 2e4, "pad_fraction": 0.1,
+            "data_wait_fraction": 0.0, "mfu": None, "elapsed_s": elapsed_s}
+
+
+def _plain_line(record, **view_args):
+    out = io.StringIO()
+    LiveView(quiet=False, stream=out, **view_args).log(record)
+    return out.getvalue()
+
+
+def test_live_view_line_counts_steps_without_a_time_budget():
+    line = _plain_line(_record(276, 12.0), total_steps=6350, start_step=0)
+    assert line.startswith("step 276/6350 | epoch 0 | lr 1.00e-03 | loss 0.5 | 20.0k real tok/s")
+
+
+def test_live_view_line_shows_the_time_budget_instead_of_an_unreachable_step_total():
+    line = _plain_line(_record(276, 12.0), total_steps=6350, start_step=0, max_seconds=60.0)
+    assert "6350" not in line
+    assert line.startswith("step 276 | 12s of 1m00s (20%) | ETA 48s | epoch 0 | lr 1.00e-03 | loss 0.5")
+    # the step limit comes first: 24 steps left at 12 s / 276 steps
+    assert "| ETA 1s |" in _plain_line(_record(276, 12.0), total_steps=300, start_step=0, max_seconds=60.0)
+    # a resumed run times the steps of this session: 76 steps in 12 s, 6074 left -> the budget's 48 s
+    assert "| ETA 48s |" in _plain_line(_record(276, 12.0), total_steps=6350, start_step=200, max_seconds=60.0)
+    assert "2h00m of 3h00m (67%) | ETA 1h00m" in _plain_line(_record(5, 7200.0), total_steps=10**6, start_step=0,
+                                                             max_seconds=10800.0)
+
+
+def test_live_view_bar_counts_steps_or_seconds_of_the_budget():
+    view = LiveView(6350, 10, quiet=False, stream=_Terminal())
+    try:
+        assert view.bar_position == (10, 6350)
+        view.advance(276, 12.0)
+        assert view.bar_position == (276, 6350)
+    finally:
+        view.close()
+    view = LiveView(6350, 10, quiet=False, stream=_Terminal(), max_seconds=60.0)
+    try:
+        assert view.bar_position == (0.0, 60.0)
+        view.advance(276, 12.0)
+        assert view.bar_position == (12.0, 60.0)
+        view.log(_record(300, 30.0))
+        assert view.bar_position == (30.0, 60.0)
+        view.advance(301, 61.5)  # the step that passes the budget is the last
+        assert view.bar_position == (60.0, 60.0)
+    finally:
+        view.close()
+    assert view.bar_position is None
+    assert LiveView(10, 0, quiet=False, stream=io.StringIO()).bar_position is None  # no terminal, no bar

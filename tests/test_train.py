@@ -360,3 +360,94 @@ def test_time_horizon_is_re_estimated_from_the_mean_step_time(tmp_path, dataset,
     trainer.step, now["t"] = 9_000, 30.0  # 9000 + 70 / (30 / 9000) = 30000 steps would fit
     trainer._set_horizon_from_time(0.0, first=False)
     assert trainer.decay_steps == 10_000
+
+
+def test_fit_with_max_seconds_shows_time_progress(tmp_path, dataset):
+    import io
+
+    out = io.StringIO()
+    flags = {**TINY, "quiet": False, "data": str(dataset), "out": str(tmp_path / "run"), "max_steps": 3,
+             "max_seconds": 3600.0}
+    assert run_fit(flags, stream=out) == 0
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1", "step 2", "step 3"]
+    assert all(" of 1h00m (" in line and "| ETA " in line for line in lines)
+
+
+def _poison_steps(monkeypatch, steps):
+    """Make the training loss NaN (and with it every gradient) at the given 1-based optimizer steps: with
+    --grad-accum 1 the loss is computed once per step."""
+    import streamtrain.train as train_module
+
+    real = train_module.masked_sq_error
+    calls = {"n": 0}
+
+    def poisoned(pred, x_std, mask):
+        calls["n"] += 1
+        loss = real(pred, x_std, mask)
+        return loss * float("nan") if calls["n"] in steps else loss
+
+    monkeypatch.setattr(train_module, "masked_sq_error", poisoned)
+
+
+def _adam_updates(ckpt):
+    return {int(state["step"]) for state in ckpt["optimizer"]["state"].values()}
+
+
+def test_nonfinite_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, dataset, monkeypatch, capsys):
+    from streamtrain.cli import main
+    from streamtrain.train import EXIT_DIVERGED
+
+    _poison_steps(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "stop"
+    code = main(["fit", "--data", str(dataset), "--out", str(out), "--d-model", "32", "--layers", "2", "--heads", "4",
+                 "--ff", "64", "--num-workers", "0", "--quiet", "--max-steps", "10", "--save-every", "1",
+                 "--log-every", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_DIVERGED == 3
+    assert len(err) == 1 and "training loss became nan by step 3" in err[0] and "last good weights" in err[0]
+    ckpt = load_checkpoint(out / "checkpoints/last.pt")
+    assert ckpt["step"] == 2 and _adam_updates(ckpt) == {2}
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path, dataset, monkeypatch, capsys, precision):
+    _poison_steps(monkeypatch, {3, 4})
+    out = tmp_path / "skip"
+    flags = {**TINY, "quiet": False, "data": str(dataset), "out": str(out), "max_steps": 8, "save_every": 1,
+             "nonfinite": "skip", "precision": precision}
+    assert run_fit(flags) == 0
+    ckpt = load_checkpoint(out / "checkpoints/last.pt")
+    assert ckpt["step"] == 8 and ckpt["skipped_steps"] == 2
+    assert _adam_updates(ckpt) == {6}  # two of the eight updates were dropped
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    if precision == "fp16":  # the GradScaler saw the NaN gradients and backed off at each of the two steps
+        assert ckpt["scaler"]["scale"] == 2.0**16 / 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert [r["loss"] is None for r in records] == [False, False, True, True, False, False, False, False]
+    printed = capsys.readouterr().out
+    assert "step 3: NaN/Inf loss, update skipped" in printed
+    assert "done: 8 steps | final loss " in printed and "| 2 non-finite steps skipped" in printed
+
+
+def test_nonfinite_skip_stops_after_the_limit_of_consecutive_steps(tmp_path, dataset, monkeypatch, capsys):
+    from streamtrain.cli import main
+
+    common = ["fit", "--data", str(dataset), "--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64",
+              "--num-workers", "0", "--quiet", "--save-every", "1", "--decay-steps", "20"]
+    assert main([*common, "--out", str(tmp_path / "two"), "--max-steps", "2"]) == 0
+    good = load_checkpoint(tmp_path / "two/checkpoints/last.pt")["model"]
+
+    _poison_steps(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "skip"
+    code = main([*common, "--out", str(out), "--max-steps", "20", "--nonfinite", "skip", "--nonfinite-limit", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1
+    assert "NaN/Inf for 3 consecutive steps (steps 3 to 5" in err[0] and "last good weights" in err[0]
+    ckpt = load_checkpoint(out / "checkpoints/last.pt")
+    assert ckpt["step"] == 4 and ckpt["skipped_steps"] == 2  # saved after the skipped steps 3 and 4
+    for name, weights in ckpt["model"].items():  # which left the weights of step 2 untouched
+        assert torch.equal(weights, good[name]), name

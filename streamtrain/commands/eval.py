@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by fit (RUN/checkpoints/best.pt)")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder to evaluate on")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096; at least one window of the training context)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader worker processes (default 0)")
     parser.add_argument(
@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
+    import sys
 
     from streamtrain.errors import UserError
     from streamtrain.evaluate import evaluate_checkpoint
@@ -46,6 +47,12 @@ def run(args) -> int:
         onehot = (start, end)
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot,
                                  verify=args.verify)
+    if report["batch_tokens"] != args.batch_tokens:
+        print(
+            f"streamtrain eval: --batch-tokens {args.batch_tokens} raised to {report['batch_tokens']} to hold one "
+            f"window of the training context ({report['max_len']} vectors)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(report))
         return 0
@@ -58,6 +65,7 @@ def run(args) -> int:
         ("skill vs mean", report["skill_vs_mean"]),
     ]
     print(f"{args.data}: {report['num_sequences']} sequences, {report['num_tokens']} vectors, {report['num_targets']} targets")
+    print(f"  windows of at most {report['max_len']} vectors (the training context)")
     for name, value in rows:
         print(f"  {name:<22}{fmt(value)}")
     if onehot is not None:
