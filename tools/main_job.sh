@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh machine: environment -> data -> convert -> fit (about a minute) -> eval.
 #
-# Data: real instruction sequences decoded from this machine's binaries (tools/asm_corpus.py) when it has
+# Data: real instruction sequences decoded from this machine's binaries (tools/asm_corpus) when it has
 # x86-64 ELF binaries and a decoder; otherwise a synthetic learnable corpus. Everything lands in ./runs/main
 # and ./data (both git-ignored). Override with FIT_SECONDS, CORPUS_MB, RUN, DATA, and DATA_KIND=synthetic to
 # skip the real data.
@@ -18,10 +18,10 @@ rm -rf "$RUN"  # the main job's own run folder: each run of this script starts a
 PY=.venv/bin/python
 ST=.venv/bin/streamtrain
 
-if [ "$DATA_KIND" != synthetic ] && $PY tools/asm_corpus.py --check >/dev/null 2>&1; then
+if [ "$DATA_KIND" != synthetic ] && $PY -m tools.asm_corpus --check >/dev/null 2>&1; then
     echo "== data: real instruction sequences from this machine's binaries (${CORPUS_MB} MB)"
     rm -rf "$DATA/asm"
-    $PY tools/asm_corpus.py --out "$DATA/asm" --max-mb "$CORPUS_MB" --seed 0 --split 0.1
+    $PY -m tools.asm_corpus --out "$DATA/asm" --max-mb "$CORPUS_MB" --seed 0 --split 0.1
     echo "== convert"
     $ST convert "$DATA/asm/train" --out "$DATA/train" --on-error skip
     $ST convert "$DATA/asm/val" --out "$DATA/val" --on-error skip

@@ -1,0 +1,104 @@
+"""tools/asm_corpus/build.py and write.py: corpus layout, formats, determinism, de-duplication, split, budget.
+
+The corpora are tiny and built from small coreutils binaries, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from asm_corpus_support import SMALL_BINARIES, ac, digest, needs_corpus, needs_objdump, read_records, tree_bytes
+
+
+@needs_corpus
+@pytest.mark.parametrize("fmt", ac.FORMATS)
+def test_every_format_parses(tmp_path, fmt):
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=0.3, seed=1, fmt=fmt, binaries=SMALL_BINARIES[:3], jobs=1)
+    records = read_records(tmp_path / "c")
+    assert records and all(key.startswith("train/") for key in records)
+    assert sum(len(v) for v in records.values()) == manifest["totals"]["functions"]
+    suffixes = {p.suffix for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert suffixes == {"json": {".json"}, "object": {".json"}, "jsonl": {".jsonl"}, "mixed": suffixes}[fmt]
+    stored = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert stored == manifest
+    assert stored["field_names"] == list(ac.FIELD_NAMES)
+    # Compact numbers: one-hot zeros/ones are written as ints.
+    sample = next(p for p in (tmp_path / "c").rglob("*.json*") if p.name != "manifest.json").read_text()
+    assert "0.0," not in sample and "1.0," not in sample
+
+
+@needs_corpus
+def test_mixed_format_mixes_record_kinds(tmp_path):
+    ac.build_corpus(tmp_path / "c", max_mb=1, seed=0, fmt="mixed", binaries=SMALL_BINARIES, jobs=1)
+    kinds = set()
+    for path in (tmp_path / "c").rglob("*.json*"):
+        if path.name == "manifest.json":
+            continue
+        for line in path.read_text().splitlines():
+            kinds.add((path.suffix, line.startswith("{")))
+    assert (".jsonl", True) in kinds and (".jsonl", False) in kinds
+
+
+@needs_corpus
+def test_build_is_deterministic(tmp_path):
+    binaries = SMALL_BINARIES[:2]
+    first = ac.build_corpus(tmp_path / "a", max_mb=0.2, seed=7, binaries=binaries, jobs=1)
+    ac.build_corpus(tmp_path / "b", max_mb=0.2, seed=7, binaries=list(reversed(binaries)), jobs=2)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert first["totals"]["functions"] > 10
+    # Rebuilding into an existing corpus folder replaces it, same bytes again.
+    ac.build_corpus(tmp_path / "a", max_mb=0.2, seed=7, binaries=binaries, jobs=1)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    # Another seed may choose differently, but the result is still well formed.
+    other = ac.build_corpus(tmp_path / "c", max_mb=0.2, seed=8, binaries=binaries, jobs=1)
+    assert other["seed"] == 8 and read_records(tmp_path / "c")
+
+
+@needs_corpus
+def test_functions_are_deduplicated(tmp_path):
+    # true and false are built from the same sources: most functions coincide.
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=5, seed=0, fmt="jsonl", binaries=SMALL_BINARIES, jobs=1)
+    digests = [digest(s) for seqs in read_records(tmp_path / "c").values() for s in seqs]
+    assert len(digests) == len(set(digests)) == manifest["totals"]["functions"]
+    if {"true", "false"} <= {os.path.basename(b) for b in SMALL_BINARIES}:
+        assert manifest["totals"]["duplicates_dropped"] > 0
+
+
+@needs_corpus
+def test_split_assigns_whole_binaries(tmp_path):
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=5, seed=3, binaries=SMALL_BINARIES, split=0.5, jobs=2)
+    train = {p.name for p in (tmp_path / "c" / "train").iterdir()}
+    val = {p.name for p in (tmp_path / "c" / "val").iterdir()}
+    assert train and val and not train & val
+    assert train == set(manifest["split"]["train"]) and val == set(manifest["split"]["val"])
+    assert abs(len(val) - 0.5 * (len(train) + len(val))) <= 1
+    records = read_records(tmp_path / "c")
+    train_digests = {digest(s) for k, seqs in records.items() if k.startswith("train/") for s in seqs}
+    val_digests = {digest(s) for k, seqs in records.items() if k.startswith("val/") for s in seqs}
+    assert train_digests and val_digests and not train_digests & val_digests
+
+
+@needs_corpus
+def test_max_mb_stops_near_budget_from_default_dirs(tmp_path):
+    max_mb = 0.4
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=max_mb, seed=0, fmt="jsonl")
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "manifest.json"]
+    written = sum(p.stat().st_size for p in files)
+    assert written == manifest["totals"]["bytes"]
+    longest = max(len(line) + 1 for p in files for line in p.read_text().splitlines())
+    assert max_mb * 1e6 <= written < max_mb * 1e6 + longest
+    assert all(ac.is_x86_64_elf(b["path"]) for b in manifest["binaries"])
+    quantiles = manifest["length_quantiles"]
+    assert 2 <= quantiles["min"] <= quantiles["p50"] <= quantiles["p99"] <= quantiles["max"]
+
+
+@needs_corpus
+@needs_objdump
+def test_build_with_objdump_fallback(tmp_path):
+    manifest = ac.build_corpus(
+        tmp_path / "c", max_mb=0.2, seed=0, binaries=SMALL_BINARIES[:2], decoder="objdump", jobs=1
+    )
+    assert manifest["decoder"] == "objdump"
+    assert read_records(tmp_path / "c")
