@@ -16,6 +16,9 @@ from .errors import CorpusError
 
 __all__ = ["function_ranges", "functions_from_eh_frame"]
 
+# Hand-written rather than pyelftools: measured on 41 binaries from /usr/bin, pyelftools gives
+# identical function ranges but takes about 40x the time (9.5 s vs 0.24 s).
+
 
 def _read_uleb(data: bytes | mmap.mmap, pos: int) -> tuple[int, int]:
     result = shift = 0
