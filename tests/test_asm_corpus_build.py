@@ -11,6 +11,8 @@ import os
 import pytest
 from asm_corpus_support import SMALL_BINARIES, ac, digest, needs_corpus, needs_objdump, read_records, tree_bytes
 
+from tools.asm_corpus.build import length_quantiles
+
 
 @needs_corpus
 @pytest.mark.parametrize("fmt", ac.FORMATS)
@@ -102,3 +104,21 @@ def test_build_with_objdump_fallback(tmp_path):
     )
     assert manifest["decoder"] == "objdump"
     assert read_records(tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    "lengths,expected",
+    [
+        # The sorted element at index min(n - 1, floor(q * n)), worked out by hand.
+        (range(1, 11), {"min": 1, "p50": 6, "p90": 10, "p99": 10, "max": 10, "mean": 5.5}),
+        ([5, 1, 3], {"min": 1, "p50": 3, "p90": 5, "p99": 5, "max": 5, "mean": 3.0}),
+        (range(1, 101), {"min": 1, "p50": 51, "p90": 91, "p99": 100, "max": 100, "mean": 50.5}),
+        ([7, 2], {"min": 2, "p50": 7, "p90": 7, "p99": 7, "max": 7, "mean": 4.5}),
+        ([], {}),
+    ],
+)
+def test_length_quantiles_hand_computed(lengths, expected):
+    got = length_quantiles(list(lengths))
+    assert got == expected
+    assert list(got) == list(expected)  # the manifest's key order
+    assert all(type(v) is int for k, v in got.items() if k != "mean")

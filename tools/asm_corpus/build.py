@@ -29,7 +29,7 @@ from .errors import CorpusError
 from .fields import FIELD_NAMES, N_FIELDS
 from .write import FORMATS, MAX_SINGLE_FILES_PER_BINARY, BinaryWriter, folder_name, prepare_out_dir, write_manifest
 
-__all__ = ["DEFAULT_MAX_MB", "build_corpus"]
+__all__ = ["DEFAULT_MAX_MB", "build_corpus", "length_quantiles"]
 
 DEFAULT_MAX_MB = 50.0
 # One binary may fill at most 1/12 of the corpus (but >= 1 MiB) so a few huge
@@ -47,16 +47,24 @@ def _val_target(n_binaries: int, fraction: float) -> int:
     return min(max(target, 1), n_binaries - 1)
 
 
-def _quantiles(lengths: Sequence[int]) -> dict[str, float]:
+def length_quantiles(lengths: Sequence[int]) -> dict[str, float]:
+    """min, p50, p90, p99, max and mean of the function lengths, as the manifest reports them.
+
+    A quantile q is the sorted element at index min(n - 1, floor(q * n)); numpy's "higher" method
+    (index ceil((n - 1) * q)) picks the same element for these q (checked for every n up to 2e7).
+    """
     if not lengths:
         return {}
-    values = np.sort(np.asarray(lengths, dtype=np.int64))
-    result: dict[str, float] = {"min": int(values[0])}
-    for q in (0.5, 0.9, 0.99):
-        result[f"p{int(q * 100)}"] = int(values[min(len(values) - 1, int(q * len(values)))])
-    result["max"] = int(values[-1])
-    result["mean"] = round(float(values.mean()), 2)
-    return result
+    values = np.asarray(lengths, dtype=np.int64)
+    p50, p90, p99 = np.quantile(values, (0.5, 0.9, 0.99), method="higher")
+    return {
+        "min": int(values.min()),
+        "p50": int(p50),
+        "p90": int(p90),
+        "p99": int(p99),
+        "max": int(values.max()),
+        "mean": round(float(values.mean()), 2),
+    }
 
 
 def build_corpus(
@@ -188,7 +196,7 @@ def build_corpus(
             "files": sum(b["files"] for b in used),
             "bytes": total_bytes,
         },
-        "length_quantiles": _quantiles(lengths),
+        "length_quantiles": length_quantiles(lengths),
         "binaries": used,
         "binaries_without_new_functions": empty,
         "errors": errors,
