@@ -105,7 +105,7 @@ def make_asm_corpus(folder: Path, total_mb: float, seed: int = 0) -> Path:
     totals = manifest["totals"]
     print(f"asm corpus: {totals['bytes'] / 1e6:.1f} MB, {totals['files']} files, {totals['functions']} functions "
           f"from {totals['binaries']} binaries", file=sys.stderr)
-    return folder / "train"  # manifest.json beside it is not a record file
+    return folder / "train"  # split 0: every record is in train/ (beside it only the hidden .manifest.json)
 
 
 def corpus_bytes(folder: Path) -> int:

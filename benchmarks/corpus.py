@@ -48,7 +48,7 @@ def write_real(root: Path, max_mb: float, seed: int = 0, json_dir: Path | None =
 
     json_dir = json_dir or root.with_name(root.name + "-json")
     totals = asm_corpus.build_corpus(json_dir, max_mb=max_mb, seed=seed, jobs=1)["totals"]
-    convert([json_dir / "train"], root, workers=1)  # json_dir also holds manifest.json
+    convert([json_dir / "train"], root, workers=1)  # split 0: every record is in train/
     return f"real: {totals['functions']} functions from {totals['binaries']} binaries ({totals['bytes'] / 1e6:.1f} MB of JSON), dim 28"
 
 

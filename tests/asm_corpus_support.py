@@ -54,7 +54,7 @@ def read_records(root: Path) -> dict[str, list[list[list[float]]]]:
     """Parse every data file under root -> {"split/binary": [sequence, ...]}, checking the format."""
     result: dict[str, list] = {}
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.name == "manifest.json":
+        if not path.is_file() or path.name == ".manifest.json":
             continue
         key = f"{path.parent.parent.name}/{path.parent.name}"
         text = path.read_text(encoding="ascii")

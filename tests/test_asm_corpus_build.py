@@ -21,14 +21,56 @@ def test_every_format_parses(tmp_path, fmt):
     records = read_records(tmp_path / "c")
     assert records and all(key.startswith("train/") for key in records)
     assert sum(len(v) for v in records.values()) == manifest["totals"]["functions"]
-    suffixes = {p.suffix for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "manifest.json"}
+    suffixes = {p.suffix for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != ".manifest.json"}
     assert suffixes == {"json": {".json"}, "object": {".json"}, "jsonl": {".jsonl"}, "mixed": suffixes}[fmt]
-    stored = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    stored = json.loads((tmp_path / "c" / ".manifest.json").read_text())
     assert stored == manifest
     assert stored["field_names"] == list(ac.FIELD_NAMES)
     # Compact numbers: one-hot zeros/ones are written as ints.
-    sample = next(p for p in (tmp_path / "c").rglob("*.json*") if p.name != "manifest.json").read_text()
+    sample = next(p for p in (tmp_path / "c").rglob("*.json*") if p.name != ".manifest.json").read_text()
     assert "0.0," not in sample and "1.0," not in sample
+
+
+@needs_corpus
+def test_manifest_is_hidden_beside_record_folders_only(tmp_path):
+    # `streamtrain convert DIR` skips hidden files: everything else it sees must be a record file.
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=5, seed=0, binaries=SMALL_BINARIES[2:4], split=0.5, jobs=1)
+    top = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert top == [".manifest.json", "train", "val"]
+    assert json.loads((tmp_path / "c" / ".manifest.json").read_text()) == manifest
+    visible = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert visible and all(p.suffix in (".json", ".jsonl") for p in visible)
+    assert sum(len(v) for v in read_records(tmp_path / "c").values()) == manifest["totals"]["functions"]
+
+
+@needs_corpus
+def test_replaces_a_corpus_with_the_old_manifest_name(tmp_path):
+    # Corpora written before the manifest was hidden have DIR/manifest.json.
+    out = tmp_path / "c"
+    (out / "train" / "old").mkdir(parents=True)
+    (out / "train" / "old" / "part-00000.jsonl").write_text("[[0],[1]]\n")
+    (out / "manifest.json").write_text('{"tool": "tools/asm_corpus.py"}\n')
+    ac.build_corpus(out, max_mb=0.2, seed=0, binaries=SMALL_BINARIES[:2], jobs=1)
+    assert not (out / "manifest.json").exists() and not (out / "train" / "old").exists()
+    assert json.loads((out / ".manifest.json").read_text())["tool"] == "tools/asm_corpus"
+    assert read_records(out)
+
+
+@needs_corpus
+@pytest.mark.xfail(
+    strict=True,
+    reason="until `streamtrain convert` skips hidden files when walking a folder; then drop this mark",
+)
+def test_whole_corpus_folder_converts_with_default_flags(tmp_path, capsys):
+    from streamtrain.cli import main as streamtrain_main
+
+    manifest = ac.build_corpus(tmp_path / "c", max_mb=5, seed=0, binaries=SMALL_BINARIES[2:4], split=0.5, jobs=1)
+    assert streamtrain_main(["convert", str(tmp_path / "c"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert streamtrain_main(["inspect", str(tmp_path / "ds"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_sequences"] == manifest["totals"]["functions"]
+    assert summary["num_tokens"] == manifest["totals"]["instructions"]
 
 
 @needs_corpus
@@ -36,7 +78,7 @@ def test_mixed_format_mixes_record_kinds(tmp_path):
     ac.build_corpus(tmp_path / "c", max_mb=1, seed=0, fmt="mixed", binaries=SMALL_BINARIES, jobs=1)
     kinds = set()
     for path in (tmp_path / "c").rglob("*.json*"):
-        if path.name == "manifest.json":
+        if path.name == ".manifest.json":
             continue
         for line in path.read_text().splitlines():
             kinds.add((path.suffix, line.startswith("{")))
@@ -86,7 +128,7 @@ def test_split_assigns_whole_binaries(tmp_path):
 def test_max_mb_stops_near_budget_from_default_dirs(tmp_path):
     max_mb = 0.4
     manifest = ac.build_corpus(tmp_path / "c", max_mb=max_mb, seed=0, fmt="jsonl")
-    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "manifest.json"]
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != ".manifest.json"]
     written = sum(p.stat().st_size for p in files)
     assert written == manifest["totals"]["bytes"]
     longest = max(len(line) + 1 for p in files for line in p.read_text().splitlines())

@@ -66,7 +66,7 @@ def test_cli_module_end_to_end(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert "p50=" in completed.stdout and "p99=" in completed.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["format"] == "json" and manifest["seed"] == 5
     assert len(manifest["split"]["train"]) == len(manifest["split"]["val"]) == 1
     assert read_records(out)

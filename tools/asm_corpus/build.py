@@ -79,7 +79,7 @@ def build_corpus(
     decoder: str = "auto",
     verbose: bool = False,
 ) -> dict:
-    """Write the corpus to ``out`` and return its manifest (also in out/manifest.json).
+    """Write the corpus to ``out`` and return its manifest (also in out/.manifest.json).
 
     ``binaries``: files and/or folders to draw from (default: /usr/bin and
     /usr/lib/x86_64-linux-gnu).  ``split``: fraction of binaries that go to
@@ -175,7 +175,7 @@ def build_corpus(
     if not used:
         raise CorpusError("no functions found in the selected binaries")
     manifest = {
-        "tool": "tools/asm_corpus.py",
+        "tool": "tools/asm_corpus",
         "seed": seed,
         "format": fmt,
         "max_mb": max_mb,

@@ -1,6 +1,7 @@
 """The output folder: one writer per binary, folder names, and replacing a previous corpus.
 
-    DIR/manifest.json                          binaries, counts, split, field names
+    DIR/.manifest.json                         binaries, counts, split, field names (hidden:
+                                               `streamtrain convert DIR` reads only the records)
     DIR/train/<binary>/part-00000.jsonl        one record per line (array or object)
     DIR/train/<binary>/fn-00000.json           one function per file
     DIR/val/<binary>/...                       only with --split F > 0
@@ -18,12 +19,14 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import CorpusError
 
 __all__ = [
     "FORMATS",
+    "MANIFEST_NAME",
     "MAX_SINGLE_FILES_PER_BINARY",
     "BinaryWriter",
     "folder_name",
@@ -32,6 +35,9 @@ __all__ = [
 ]
 
 FORMATS: tuple[str, ...] = ("mixed", "json", "object", "jsonl")
+MANIFEST_NAME = ".manifest.json"
+# Where corpora written before the manifest was hidden keep it; such a folder may still be replaced.
+_OLD_MANIFEST_NAME = "manifest.json"
 MAX_SINGLE_FILES_PER_BINARY = 256
 # Parts roll at ~1 MiB.
 _JSONL_PART_BYTES = 1 << 20
@@ -131,17 +137,30 @@ def prepare_out_dir(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         # Only a previous corpus (it has our manifest) may be replaced; anything
         # else in the folder is the user's and is left alone.
-        if not (out / "manifest.json").is_file():
-            raise CorpusError(f"{out}: directory is not empty and holds no corpus manifest.json")
+        manifests = [out / name for name in (MANIFEST_NAME, _OLD_MANIFEST_NAME) if (out / name).is_file()]
+        if not manifests:
+            raise CorpusError(f"{out}: directory is not empty and holds no corpus manifest ({MANIFEST_NAME})")
         for child in ("train", "val"):
             if (out / child).is_dir():
                 shutil.rmtree(out / child)
-        (out / "manifest.json").unlink()
+        for manifest in manifests:
+            manifest.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    """Write ``out/manifest.json``, after every record file."""
-    with open(out / "manifest.json", "w", encoding="utf-8", newline="\n") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.write("\n")
+    """Write ``out/.manifest.json`` atomically, after every record file."""
+    text = json.dumps(manifest, indent=1) + "\n"
+    # The temporary name is hidden too, so a crash never leaves a stray .json among the records.
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", newline="\n", dir=out, prefix=MANIFEST_NAME + ".", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, out / MANIFEST_NAME)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
