@@ -22,6 +22,8 @@ def _one_line_error(capsys) -> str:
         (["--binaries", "/nonexistent/asm_corpus_binary"], "no such file"),
         (["--split", "1.5"], "--split"),
         (["--max-mb", "0"], "--max-mb"),
+        (["--test-split", "-0.1"], "--test-split"),
+        (["--split", "0.5", "--test-split", "0.5"], "--split + --test-split"),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, argv_tail, fragment):
@@ -70,3 +72,15 @@ def test_cli_module_end_to_end(tmp_path):
     assert manifest["format"] == "json" and manifest["seed"] == 5
     assert len(manifest["split"]["train"]) == len(manifest["split"]["val"]) == 1
     assert read_records(out)
+
+
+@needs_corpus
+def test_cli_test_split_writes_a_test_folder(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["--out", str(out), "--max-mb", "5", "--binaries", *SMALL_BINARIES[2:5], "--split", "0.3", "--test-split", "0.3"]
+    assert ac.main(argv) == 0
+    assert "(1 val, 1 test)" in capsys.readouterr().out
+    manifest = json.loads((out / ".manifest.json").read_text())
+    assert manifest["split"]["test_fraction"] == 0.3
+    assert len(manifest["split"]["train"]) == len(manifest["split"]["val"]) == len(manifest["split"]["test"]) == 1
+    assert {p.name for p in (out / "test").iterdir()} == set(manifest["split"]["test"])

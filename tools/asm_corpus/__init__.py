@@ -4,7 +4,7 @@ Each sample is one machine-code function (its ``.eh_frame`` range), one vector o
 instruction (fields.py documents them), decoded with iced-x86 when it is importable, else objdump.
 
     python -m tools.asm_corpus --out DIR [--max-mb N] [--seed S] [--format mixed|json|object|jsonl]
-        [--binaries PATH ...] [--split F] [--jobs N] [--decoder auto|iced|objdump]
+        [--binaries PATH ...] [--split F] [--test-split F] [--jobs N] [--decoder auto|iced|objdump]
     python -m tools.asm_corpus --check     # exit 0 if a corpus can be built here
 
     from tools import asm_corpus          # with the repository root on sys.path

@@ -1,13 +1,13 @@
-"""``build_corpus``: binaries -> de-duplicated functions -> train/val folders and a manifest.
+"""``build_corpus``: binaries -> de-duplicated functions -> train/val/test folders and a manifest.
 
 Sizing: ``max_mb`` stops after about that many MB of records (overshoot is at most one function).
 One binary fills at most 1/12 of the budget (>= 1 MiB), so the corpus spans many binaries.
 
 Determinism: for the same seed and the same binaries the output is byte for byte identical, whatever
 ``jobs`` is.  The seed shuffles the binary order, samples functions inside binaries larger than the
-per-binary budget, picks the record forms of ``mixed`` and the train/val assignment.  Identical
-functions (same float32 bytes) are kept once across the whole corpus, so no function is shared
-between train and val.
+per-binary budget, picks the record forms of ``mixed`` and the train/val/test assignment (split.py).
+Identical functions (same float32 bytes) are kept once across the whole corpus, so no function is
+shared between splits.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .discover import candidate_paths
 from .elf import is_x86_64_elf
 from .errors import CorpusError
 from .fields import FIELD_NAMES, N_FIELDS
+from .split import SPLITS, SplitAssigner
 from .write import FORMATS, MAX_SINGLE_FILES_PER_BINARY, BinaryWriter, folder_name, prepare_out_dir, write_manifest
 
 __all__ = ["DEFAULT_MAX_MB", "build_corpus", "length_quantiles"]
@@ -36,15 +37,6 @@ DEFAULT_MAX_MB = 50.0
 # libraries (libLLVM: 100k functions) do not crowd out everything else.
 _PER_BINARY_SHARE = 12
 _MIN_PER_BINARY_BYTES = 1 << 20
-
-
-def _val_target(n_binaries: int, fraction: float) -> int:
-    """How many of the first ``n_binaries`` go to val: round(n*F), but with >= 2
-    binaries at least one on each side so neither folder is empty."""
-    if fraction <= 0 or n_binaries < 2:
-        return 0
-    target = int(math.floor(n_binaries * fraction + 0.5))
-    return min(max(target, 1), n_binaries - 1)
 
 
 def length_quantiles(lengths: Sequence[int]) -> dict[str, float]:
@@ -75,6 +67,7 @@ def build_corpus(
     binaries: Sequence[str | os.PathLike] | None = None,
     split: float = 0.0,
     *,
+    test_split: float = 0.0,
     jobs: int | None = None,
     decoder: str = "auto",
     verbose: bool = False,
@@ -82,9 +75,10 @@ def build_corpus(
     """Write the corpus to ``out`` and return its manifest (also in out/.manifest.json).
 
     ``binaries``: files and/or folders to draw from (default: /usr/bin and
-    /usr/lib/x86_64-linux-gnu).  ``split``: fraction of binaries that go to
-    ``out/val``.  Stops after about ``max_mb`` MB of records.  Raises
-    CorpusError for bad arguments.
+    /usr/lib/x86_64-linux-gnu).  ``split`` and ``test_split``: fractions of
+    binaries that go to ``out/val`` (for model selection) and ``out/test`` (for
+    the report), whole binaries at a time.  Stops after about ``max_mb`` MB of
+    records.  Raises CorpusError for bad arguments.
     """
     if fmt not in FORMATS:
         raise CorpusError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
@@ -92,6 +86,10 @@ def build_corpus(
         raise CorpusError(f"--max-mb must be a positive number, got {max_mb!r}")
     if not (isinstance(split, (int, float)) and 0.0 <= split < 1.0):
         raise CorpusError(f"--split must be in [0, 1), got {split!r}")
+    if not (isinstance(test_split, (int, float)) and 0.0 <= test_split < 1.0):
+        raise CorpusError(f"--test-split must be in [0, 1), got {test_split!r}")
+    if split + test_split >= 1.0:
+        raise CorpusError(f"--split + --test-split must be below 1 (train needs binaries), got {split + test_split}")
     if jobs is not None and jobs < 1:
         raise CorpusError(f"--jobs must be >= 1, got {jobs!r}")
     decoder_name = resolve_decoder(decoder)
@@ -119,7 +117,7 @@ def build_corpus(
     used: list[dict] = []
     empty: list[str] = []
     errors: dict[str, str] = {}
-    val_count = 0
+    assigner = SplitAssigner(split, test_split)
     results = encode_binaries(tasks(), jobs or default_jobs())
     try:
         for result in results:
@@ -137,9 +135,7 @@ def build_corpus(
             if not fresh:
                 empty.append(result.name)
                 continue
-            to_val = val_count < _val_target(len(used) + 1, split)
-            val_count += to_val
-            split_name = "val" if to_val else "train"
+            split_name = assigner.next()
             writer = BinaryWriter(
                 out_path / split_name / result.name, fmt, random.Random(f"asm-corpus/{seed}/{result.name}/layout")
             )
@@ -184,8 +180,8 @@ def build_corpus(
         "field_names": list(FIELD_NAMES),
         "split": {
             "val_fraction": split,
-            "train": [b["name"] for b in used if b["split"] == "train"],
-            "val": [b["name"] for b in used if b["split"] == "val"],
+            "test_fraction": test_split,
+            **{name: [b["name"] for b in used if b["split"] == name] for name in SPLITS},
         },
         "totals": {
             "binaries": len(used),
@@ -205,9 +201,10 @@ def build_corpus(
     if verbose:
         q = manifest["length_quantiles"]
         t = manifest["totals"]
+        n_val, n_test = len(manifest["split"]["val"]), len(manifest["split"]["test"])
         print(
             f"asm_corpus: {t['bytes'] / 1e6:.1f} MB in {t['files']} files, {t['binaries']} binaries "
-            f"({len(manifest['split']['val'])} val), {t['functions']} functions, {t['instructions']} instructions, "
+            f"({n_val} val, {n_test} test), {t['functions']} functions, {t['instructions']} instructions, "
             f"{t['duplicates_dropped']} duplicates dropped; length p50={q['p50']} p90={q['p90']} "
             f"p99={q['p99']} max={q['max']}; {time.perf_counter() - started:.1f} s ({decoder_name})"
         )

@@ -47,6 +47,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="VAL_FRACTION",
         help="fraction of binaries written to val/, whole binaries at a time (default 0)",
     )
+    parser.add_argument(
+        "--test-split",
+        type=float,
+        default=0.0,
+        metavar="TEST_FRACTION",
+        help="fraction of binaries written to test/, whole binaries at a time, for a score that model "
+        "selection on val/ never saw (default 0)",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs available)")
     parser.add_argument(
         "--decoder",
@@ -80,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt=args.format,
             binaries=args.binaries,
             split=args.split,
+            test_split=args.test_split,
             jobs=args.jobs,
             decoder=args.decoder,
             verbose=True,

@@ -4,7 +4,8 @@
                                                `streamtrain convert DIR` reads only the records)
     DIR/train/<binary>/part-00000.jsonl        one record per line (array or object)
     DIR/train/<binary>/fn-00000.json           one function per file
-    DIR/val/<binary>/...                       only with --split F > 0
+    DIR/val/<binary>/...                       only with --split F > 0 (model selection)
+    DIR/test/<binary>/...                      only with --test-split F > 0 (the report)
 
 Record forms: ``[[28 numbers], ...]`` (format ``json``; ``jsonl`` lines) or ``{"sequence": [...]}``
 (format ``object``); ``mixed`` is a seeded mix of all three (functions shorter than 64 instructions
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import CorpusError
+from .split import SPLITS
 
 __all__ = [
     "FORMATS",
@@ -140,7 +142,7 @@ def prepare_out_dir(out: Path) -> None:
         manifests = [out / name for name in (MANIFEST_NAME, _OLD_MANIFEST_NAME) if (out / name).is_file()]
         if not manifests:
             raise CorpusError(f"{out}: directory is not empty and holds no corpus manifest ({MANIFEST_NAME})")
-        for child in ("train", "val"):
+        for child in SPLITS:
             if (out / child).is_dir():
                 shutil.rmtree(out / child)
         for manifest in manifests:
