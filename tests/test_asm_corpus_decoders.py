@@ -163,11 +163,14 @@ def _function_sample(path: str, limit_bytes: int = 60_000) -> list[bytes]:
 @needs_corpus
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_real_code_rows_are_well_formed(decoder):
+    n_rows = 0
     for code in _function_sample(SMALL_BINARIES[0], 20_000):
         rows = ac.encode_bytes(code, ip=0x1000, decoder=decoder)
+        n_rows += len(rows)
         assert np.all(rows[:, :12].sum(axis=1) == 1), "exactly one opcode class per instruction"
         assert np.all(np.abs(rows) <= 1.5), "values stay O(1)"
         assert np.all(rows[:, F[_LEN]] > 0)
+    assert n_rows > 1000, "the sample decodes to real instructions"
 
 
 @needs_corpus

@@ -22,7 +22,7 @@ def test_functions_from_eh_frame_matches_readelf():
     assert ranges == sorted(set(ranges))
     assert all(start < end for start, end in ranges)
     if not HAVE_READELF:
-        return
+        pytest.skip("readelf (binutils) is not installed")
     text = subprocess.run(["readelf", "--debug-dump=frames", path], capture_output=True, text=True, check=True).stdout
     expected = {
         (int(a, 16), int(b, 16))
@@ -42,7 +42,9 @@ def test_functions_found_without_section_headers(tmp_path):
     struct.pack_into("<Q", data, 0x28, 0)  # e_shoff
     struct.pack_into("<HH", data, 0x3C, 0, 0)  # e_shnum, e_shstrndx
     stripped.write_bytes(bytes(data))
-    assert ac.functions_from_eh_frame(stripped) == ac.functions_from_eh_frame(original)
+    ranges = ac.functions_from_eh_frame(original)
+    assert len(ranges) > 5
+    assert ac.functions_from_eh_frame(stripped) == ranges
 
 
 def test_not_elf_is_rejected(tmp_path):
