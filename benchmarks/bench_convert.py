@@ -1,9 +1,9 @@
 """Throughput of `streamtrain convert` (1 and 2 workers) against a plain stdlib json + numpy reader.
 
 Corpus (one of):
-  --asm        the real instruction corpus of tools/asm_corpus.py (this machine's binaries, 28 values per
+  --asm        the real instruction corpus of tools/asm_corpus (this machine's binaries, 28 values per
                vector such as 0, 1, 0.0333, -0.125; .json files of one array or one {"sequence": ...} object,
-               .jsonl files mixing both forms). The default when `tools/asm_corpus.py --check` succeeds.
+               .jsonl files mixing both forms). The default when `python -m tools.asm_corpus --check` succeeds.
   --synthetic  a generated corpus like real encodings: heavy-tailed lengths (lognormal, median ~30, p99 ~1000
                vectors), mostly 0/1 integers and some 6-significant-digit floats, .jsonl files and folders of
                single-record .json files. The default otherwise.
@@ -96,16 +96,16 @@ def make_corpus(folder: Path, total_mb: float, seed: int = 0) -> None:
 
 
 def asm_available() -> bool:
-    return asm_corpus().available()
+    return asm_corpus.available()
 
 
 def make_asm_corpus(folder: Path, total_mb: float, seed: int = 0) -> Path:
-    """Build the real corpus with tools/asm_corpus.py into `folder`; returns the folder of its records."""
-    manifest = asm_corpus().build_corpus(folder, total_mb, seed, "mixed", None, 0.0, jobs=1)
+    """Build the real corpus with tools/asm_corpus into `folder`; returns the folder of its records."""
+    manifest = asm_corpus.build_corpus(folder, total_mb, seed, "mixed", None, 0.0, jobs=1)
     totals = manifest["totals"]
     print(f"asm corpus: {totals['bytes'] / 1e6:.1f} MB, {totals['files']} files, {totals['functions']} functions "
           f"from {totals['binaries']} binaries", file=sys.stderr)
-    return folder / "train"  # manifest.json beside it is not a record file
+    return folder / "train"  # split 0: every record is in train/ (beside it only the hidden .manifest.json)
 
 
 def corpus_bytes(folder: Path) -> int:
@@ -147,7 +147,7 @@ def _timed(cmd: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kind = ap.add_mutually_exclusive_group()
-    kind.add_argument("--asm", action="store_true", help="the real corpus of tools/asm_corpus.py (default when it can be built)")
+    kind.add_argument("--asm", action="store_true", help="the real corpus of tools/asm_corpus (default when it can be built)")
     kind.add_argument("--synthetic", action="store_true", help="the generated lognormal corpus")
     ap.add_argument("--mb", type=float, default=64, help="corpus size to build, MB (>= 50 for a fair figure)")
     ap.add_argument("--corpus", type=Path, default=None, help="reuse (or create) the corpus in this folder")

@@ -1,6 +1,6 @@
 """Benchmark corpora: real instruction sequences where the machine has them, else heavy-tailed synthetic ones.
 
-    real       tools/asm_corpus.py on this machine's x86-64 binaries (iced-x86 or objdump), then convert
+    real       tools/asm_corpus on this machine's x86-64 binaries (iced-x86 or objdump), then convert
     synthetic  lognormal lengths with median 30 and p99 1000 (the shape of the real data), random walks
 
 `--corpus auto` (every benchmark's default) takes real data when `asm_corpus.available()`, else synthetic.
@@ -8,30 +8,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from streamtrain.format import DatasetWriter
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tools/ is a package of the repository root; scripts start in benchmarks/
+    sys.path.insert(0, str(ROOT))
+
+from streamtrain.format import DatasetWriter  # noqa: E402
+from tools import asm_corpus  # noqa: E402
+
 KINDS = ("auto", "real", "synthetic")
 
 __all__ = ["KINDS", "asm_corpus", "lognormal_lengths", "write_synthetic", "write_real", "build_dataset"]
-
-
-def asm_corpus():
-    """The tools/asm_corpus.py module (tools/ is not a package)."""
-    name = "_streamtrain_asm_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "asm_corpus.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def lognormal_lengths(num_sequences: int, seed: int, max_len: int = 30_000) -> np.ndarray:
@@ -54,10 +46,9 @@ def write_real(root: Path, max_mb: float, seed: int = 0, json_dir: Path | None =
     """Build the instruction corpus as JSON/JSONL (kept in `json_dir` if given) and convert it into `root`."""
     from streamtrain.convert import convert
 
-    asm = asm_corpus()
     json_dir = json_dir or root.with_name(root.name + "-json")
-    totals = asm.build_corpus(json_dir, max_mb=max_mb, seed=seed, jobs=1)["totals"]
-    convert([json_dir / "train"], root, workers=1)  # json_dir also holds manifest.json
+    totals = asm_corpus.build_corpus(json_dir, max_mb=max_mb, seed=seed, jobs=1)["totals"]
+    convert([json_dir / "train"], root, workers=1)  # split 0: every record is in train/
     return f"real: {totals['functions']} functions from {totals['binaries']} binaries ({totals['bytes'] / 1e6:.1f} MB of JSON), dim 28"
 
 
@@ -66,7 +57,7 @@ def build_dataset(root: Path, kind: str, *, num_sequences: int, real_mb: float, 
     if kind not in KINDS:
         raise ValueError(f"corpus kind must be one of {KINDS}, got {kind!r}")
     if kind == "auto":
-        kind = "real" if asm_corpus().available() else "synthetic"
+        kind = "real" if asm_corpus.available() else "synthetic"
     if kind == "real":
         return write_real(root, real_mb, seed)
     return write_synthetic(root, num_sequences, dim, seed)

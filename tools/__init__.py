@@ -1,0 +1,1 @@
+"""Tools that sit beside the streamtrain package: the real instruction corpus builder (asm_corpus)."""
