@@ -10,6 +10,8 @@ from streamtrain.data.bucketing import (
     plan_epoch,
     round_up,
     split_ids,
+    item_length_histogram,
+    length_histogram,
     window_items,
 )
 
@@ -178,3 +180,21 @@ def test_max_sequences_caps_rows_and_keeps_every_item_once():
     assert sizes.max() == 16
     # only the last batch of each bucket may be short
     assert (sizes < 16).sum() <= len(np.unique(plan.padded_len))
+
+
+@given(lengths=st.lists(st.integers(0, 90), min_size=1, max_size=60), max_len=st.integers(2, 30))
+@settings(max_examples=150, deadline=None)
+def test_item_histogram_equals_the_histogram_of_the_windowed_items(lengths, max_len):
+    lengths = np.array(lengths)
+    values, counts = length_histogram(lengths, chunk=7)
+    assert np.array_equal(np.repeat(values, counts), np.sort(lengths))
+    item_values, item_counts = item_length_histogram(values, counts, max_len)
+    want_values, want_counts = np.unique(window_items(lengths, max_len).lengths, return_counts=True)
+    assert item_values.tolist() == want_values.tolist() and item_counts.tolist() == want_counts.tolist()
+
+
+def test_bounds_from_a_histogram_equal_bounds_from_the_items():
+    lengths = np.minimum(_lognormal_lengths(30_011, seed=4), 4000)
+    values, counts = length_histogram(lengths)
+    for shapes in (4, 16, 128):
+        assert np.array_equal(bucket_bounds(values, max_shapes=shapes, counts=counts), bucket_bounds(lengths, max_shapes=shapes))

@@ -1,0 +1,331 @@
+"""The epoch plan with locality: batches formed inside windows of consecutive reading units (shards).
+
+A process needs only the units of the window it reads, and planning costs what the window costs, not what
+the dataset costs. Per epoch (all pure functions of seed, epoch and the unit list; never of where the data
+lives or of the world size):
+
+1. the unit order is shuffled with `default_rng([seed, epoch])`; runs of `window` consecutive units form
+   windows 0, 1, ...;
+2. window j's items are shuffled with `default_rng([seed, epoch, j + 1])` and grouped by bucket (stable);
+3. each bucket's items form a stream: the tail carried from window j - 1 first, then window j's own; it is
+   cut into batches of `per_batch[b]` items. An incomplete remainder made of window j's items only is
+   carried into window j + 1; one that still holds carried items is emitted now as a smaller batch. So
+   every batch holds rows of windows j - 1 and j only, and nearly every batch is full;
+4. window j's batches are put in a shuffled order (the same generator), and the windows follow each other.
+
+The number of batches of an epoch comes from a simulation over per-unit bucket counts (`unit_bucket_counts`),
+without building any window; it may differ slightly from epoch to epoch (forced remainders depend on the
+unit order). With shuffle=False the units, items and batches keep dataset order. With one window holding
+every unit, this is the global plan of `bucketing.plan_epoch` (a different draw, the same guarantees).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from streamtrain.data.bucketing import Items, window_items
+
+__all__ = ["BatchRows", "EpochPlan", "unit_bucket_counts", "bucket_lookup"]
+
+# Rows of the positions [start, stop) of the stream's id list, windowed, in position order.
+RowsOf = Callable[[int, int], Items]
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The rows of one batch: int64 arrays of global ids, window offsets and lengths, and the padded T."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    padded_len: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def bucket_lookup(bounds: np.ndarray, pad_multiple: int) -> np.ndarray:
+    """int16 table: bucket of an item of length L is table[ceil(L / pad_multiple)] (bounds are multiples of
+    pad_multiple), one gather per item instead of a binary search."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if (bounds % pad_multiple).any():
+        raise ValueError(f"bucket bounds must be multiples of pad_multiple={pad_multiple}")
+    rounded = np.arange(int(bounds[-1]) // pad_multiple + 1, dtype=np.int64) * pad_multiple
+    return np.searchsorted(bounds, np.maximum(rounded, 1)).astype(np.int16)
+
+
+def _buckets(lengths: np.ndarray, lookup: np.ndarray, pad_multiple: int) -> np.ndarray:
+    rounded = -(-np.asarray(lengths, dtype=np.int64) // pad_multiple)
+    if len(rounded) and rounded.max() >= len(lookup):
+        raise ValueError(f"an item of length {int(lengths.max())} exceeds the largest bucket bound")
+    return lookup[rounded]
+
+
+def unit_bucket_counts(
+    lengths_of: Callable[[int, int], np.ndarray],
+    unit_starts: np.ndarray,
+    unit_stops: np.ndarray,
+    lookup: np.ndarray,
+    pad_multiple: int,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Items per unit and bucket (int64 (U, nb)) and real tokens per unit (int64 (U,)), from the sequence
+    lengths of each unit's positions (`lengths_of(start, stop)`), windowing sequences longer than max_len
+    as `bucketing.window_items` does. One pass over the lengths, a few vector operations per unit."""
+    nb = int(lookup.max()) + 1
+    counts = np.zeros((len(unit_starts), nb), dtype=np.int64)
+    tokens = np.zeros(len(unit_starts), dtype=np.int64)
+    for u, (a, b) in enumerate(zip(np.asarray(unit_starts).tolist(), np.asarray(unit_stops).tolist())):
+        lengths = np.asarray(lengths_of(a, b))
+        if len(lengths) and lengths.max() > max_len:
+            lengths = window_items(lengths, max_len).lengths
+        counts[u] = np.bincount(_buckets(lengths, lookup, pad_multiple), minlength=nb)
+        tokens[u] = int(lengths.sum(dtype=np.int64))
+    return counts, tokens
+
+
+@dataclass
+class _Simulation:
+    """Counts of every window of an epoch, per bucket (int64 (J, nb) each)."""
+
+    carry_in: np.ndarray  # items carried into window j from earlier windows
+    carry_from: np.ndarray  # the window of the oldest carried item (j when nothing is carried)
+    full: np.ndarray  # full batches window j emits
+    partial: np.ndarray  # size of the smaller batch window j emits (0: none)
+    batch_starts: np.ndarray  # (J + 1,) first epoch batch of each window
+
+
+def _simulate(window_counts: np.ndarray, per_batch: np.ndarray, span: int) -> _Simulation:
+    """Bucket by bucket, the stream of items window after window, cut into batches of per_batch items. The
+    incomplete remainder (r items, the oldest from window o) is carried on while a batch holding it would
+    read at most `span` consecutive windows; otherwise it is emitted as a smaller batch."""
+    J, nb = window_counts.shape
+    carry_in = np.zeros((J, nb), np.int64)
+    carry_from = np.zeros((J, nb), np.int64)
+    full = np.zeros((J, nb), np.int64)
+    partial = np.zeros((J, nb), np.int64)
+    r = np.zeros(nb, np.int64)
+    o = np.zeros(nb, np.int64)
+    for j in range(J):
+        carry_in[j], carry_from[j] = r, np.where(r > 0, o, j)
+        total = r + window_counts[j]
+        full[j] = total // per_batch
+        rest = total - full[j] * per_batch
+        # where a batch closed, the remainder holds this window's items only
+        o = np.where((full[j] > 0) | (r == 0), j, o)
+        if j == J - 1:
+            partial[j], r = rest, np.zeros(nb, np.int64)
+            continue
+        forced = (rest > 0) & (o <= j + 1 - span)
+        partial[j] = np.where(forced, rest, 0)
+        r = np.where(forced, 0, rest)
+    per_window = full.sum(axis=1) + (partial > 0).sum(axis=1)
+    return _Simulation(carry_in, carry_from, full, partial,
+                       np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64))
+
+
+@dataclass
+class _Window:
+    """One window's batches: rows grouped by batch segment, and the window's batch order over segments."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    seg_starts: np.ndarray  # (S + 1,)
+    padded_len: np.ndarray  # (S,)
+    order: np.ndarray  # (S,) segment of the window's k-th batch
+
+
+class EpochPlan:
+    """The batches of one epoch; windows are built on demand (the last few are kept).
+
+    unit_starts, unit_stops: position ranges of the epoch's units in dataset order (a unit may repeat, or
+        cover a part of a shard, when sources are mixed); rows_of(start, stop): their items.
+    counts, tokens: items per unit and bucket, real tokens per unit (`unit_bucket_counts`), given by the
+        caller so that they are computed once per dataset, not once per epoch.
+    window: units per window (None or >= the unit count: one window).
+    """
+
+
+    def __init__(
+        self,
+        rows_of: RowsOf,
+        unit_starts: np.ndarray,
+        unit_stops: np.ndarray,
+        counts: np.ndarray,
+        tokens: np.ndarray,
+        bounds: np.ndarray,
+        max_tokens: int,
+        seed: int,
+        epoch: int,
+        *,
+        shuffle: bool = True,
+        window: int | None = None,
+        pad_multiple: int = 8,
+        max_sequences: int | None = None,
+        span: int = 2,
+    ):
+        if span < 1:
+            raise ValueError(f"span must be >= 1 window, got {span}")
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        if self.bounds[-1] > max_tokens:
+            raise ValueError(f"bucket bound {self.bounds[-1]} exceeds max_tokens={max_tokens}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 unit, got {window}")
+        self._rows_of = rows_of
+        self.seed, self.epoch, self.shuffle = int(seed), int(epoch), bool(shuffle)
+        self.pad_multiple = int(pad_multiple)
+        self._lookup = bucket_lookup(self.bounds, self.pad_multiple)
+        per_batch = max_tokens // self.bounds
+        if max_sequences is not None:
+            per_batch = np.minimum(per_batch, max_sequences)
+        self.per_batch = per_batch.astype(np.int64)
+
+        n_units = len(unit_starts)
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(n_units) if shuffle
+                 else np.arange(n_units, dtype=np.int64))
+        self.window = n_units if window is None or window >= n_units else int(window)
+        self.unit_starts = np.asarray(unit_starts, dtype=np.int64)[order]
+        self.unit_stops = np.asarray(unit_stops, dtype=np.int64)[order]
+        counts = np.asarray(counts, dtype=np.int64)[order]
+        tokens = np.asarray(tokens, dtype=np.int64)[order]
+        self.num_windows = -(-n_units // self.window) if n_units else 0
+        win_of_unit = np.arange(n_units) // max(self.window, 1)
+        nb = len(self.bounds)
+        window_counts = np.zeros((self.num_windows, nb), np.int64)
+        if n_units:
+            np.add.at(window_counts, win_of_unit, counts)
+        self.span = int(span)
+        self._sim = _simulate(window_counts, self.per_batch, self.span)
+        self.real_tokens = int(tokens.sum())
+        batches_per_bucket = self._sim.full.sum(axis=0)
+        self.padded_tokens = int((batches_per_bucket * self.per_batch * self.bounds).sum()
+                                 + (self._sim.partial * self.bounds).sum())
+        self._keep = self.span + 1  # windows whose lists are kept: a window's carried items reach back span - 1
+        self._lists: OrderedDict[int, tuple[Items, np.ndarray]] = OrderedDict()
+        self._windows: OrderedDict[int, _Window] = OrderedDict()
+
+    # -- sizes ----------------------------------------------------------------------------------------
+
+    @property
+    def num_batches(self) -> int:
+        return int(self._sim.batch_starts[-1])
+
+    @property
+    def pad_fraction(self) -> float:
+        """Share of the epoch's padded tokens (sum of B * T) that are padding."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def shapes(self) -> dict[tuple[int, int], int]:
+        """{(B, T): number of batches} over the epoch, without building any window."""
+        out: dict[tuple[int, int], int] = {}
+        for b, T in enumerate(self.bounds.tolist()):
+            n_full = int(self._sim.full[:, b].sum())
+            if n_full:
+                out[(int(self.per_batch[b]), T)] = out.get((int(self.per_batch[b]), T), 0) + n_full
+            for size in self._sim.partial[:, b][self._sim.partial[:, b] > 0].tolist():
+                out[(size, T)] = out.get((size, T), 0) + 1
+        return out
+
+    def window_of(self, batch: int) -> int:
+        """The window epoch batch `batch` belongs to."""
+        return int(np.searchsorted(self._sim.batch_starts, batch, side="right") - 1)
+
+    def window_units(self, j: int) -> list[tuple[int, int]]:
+        """Position ranges of the units whose rows window j's batches read: window j's own and those of the
+        earlier windows (at most span - 1) that items carried into j come from."""
+        lo = int(self._sim.carry_from[j].min()) * self.window if self.num_windows else 0
+        hi = min(len(self.unit_starts), (j + 1) * self.window)
+        return list(zip(self.unit_starts[lo:hi].tolist(), self.unit_stops[lo:hi].tolist()))
+
+    # -- batches --------------------------------------------------------------------------------------
+
+    def batch(self, b: int) -> BatchRows:
+        """Epoch batch `b` (0 <= b < num_batches)."""
+        if not 0 <= b < self.num_batches:
+            raise IndexError(f"batch {b} out of range [0, {self.num_batches})")
+        j = self.window_of(b)
+        w = self._window(j)
+        s = int(w.order[b - int(self._sim.batch_starts[j])])
+        a, e = int(w.seg_starts[s]), int(w.seg_starts[s + 1])
+        return BatchRows(w.ids[a:e], w.offsets[a:e], w.lengths[a:e], int(w.padded_len[s]))
+
+    def _bucket_lists(self, j: int) -> tuple[Items, np.ndarray]:
+        """Window j's own items grouped by bucket (shuffled within) and the (nb + 1,) bucket boundaries."""
+        cached = self._lists.get(j)
+        if cached is not None:
+            self._lists.move_to_end(j)
+            return cached
+        lo, hi = j * self.window, min(len(self.unit_starts), (j + 1) * self.window)
+        parts = [self._rows_of(a, e) for a, e in zip(self.unit_starts[lo:hi].tolist(), self.unit_stops[lo:hi].tolist())]
+        ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.concatenate([p.offsets for p in parts]) if parts else np.zeros(0, np.int64)
+        lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+        n = len(ids)
+        perm = (np.random.default_rng([self.seed, self.epoch, j + 1]).permutation(n) if self.shuffle
+                else np.arange(n, dtype=np.int64))
+        bucket = _buckets(lengths[perm], self._lookup, self.pad_multiple)
+        perm = perm[np.argsort(bucket, kind="stable")]
+        nb = len(self.bounds)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(bucket, minlength=nb))]).astype(np.int64)
+        items = Items(ids[perm], offsets[perm], lengths[perm])
+        self._lists[j] = (items, bounds)
+        while len(self._lists) > self._keep:
+            self._lists.popitem(last=False)
+        return items, bounds
+
+    def _carried(self, j: int, b: int, q: int) -> list[tuple[Items, int, int]]:
+        """The last q items of bucket b's stream before window j, as (items, start, stop) slices in stream
+        order: from the end of window j - 1's list backwards, into earlier windows while needed."""
+        out = []
+        w = j - 1
+        while q > 0:
+            items, bounds = self._bucket_lists(w)
+            a, e = int(bounds[b]), int(bounds[b + 1])
+            n = min(q, e - a)
+            if n:
+                out.append((items, e - n, e))
+            q -= n
+            w -= 1
+        return out[::-1]
+
+    def _window(self, j: int) -> _Window:
+        cached = self._windows.get(j)
+        if cached is not None:
+            self._windows.move_to_end(j)
+            return cached
+        sim = self._sim
+        own, own_bounds = self._bucket_lists(j)
+        pick_ids, pick_offsets, pick_lengths, seg_sizes, seg_len = [], [], [], [], []
+        for b in range(len(self.bounds)):
+            q = int(sim.carry_in[j, b])
+            take = int(sim.full[j, b] * self.per_batch[b] + sim.partial[j, b])
+            if take == 0:
+                continue
+            srcs = self._carried(j, b, q)
+            start = int(own_bounds[b])
+            srcs.append((own, start, start + take - q))
+            for items, a, e in srcs:
+                pick_ids.append(items.ids[a:e])
+                pick_offsets.append(items.offsets[a:e])
+                pick_lengths.append(items.lengths[a:e])
+            sizes = [int(self.per_batch[b])] * int(sim.full[j, b])
+            if sim.partial[j, b]:
+                sizes.append(int(sim.partial[j, b]))
+            seg_sizes.extend(sizes)
+            seg_len.extend([int(self.bounds[b])] * len(sizes))
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        num_segments = len(seg_sizes)
+        order = (np.random.default_rng([self.seed, self.epoch, j + 1, 1]).permutation(num_segments) if self.shuffle
+                 else np.arange(num_segments, dtype=np.int64))
+        w = _Window(cat(pick_ids), cat(pick_offsets), cat(pick_lengths),
+                    np.concatenate([[0], np.cumsum(seg_sizes)]).astype(np.int64),
+                    np.asarray(seg_len, dtype=np.int64), order)
+        self._windows[j] = w
+        while len(self._windows) > 2:
+            self._windows.popitem(last=False)
+        return w
