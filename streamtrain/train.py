@@ -62,8 +62,7 @@ from streamtrain.metrics import (
     LiveView,
     MetricsLog,
     ThroughputMeter,
-    gpu_peak_tflops,
-    measure_matmul_peak_tflops,
+    device_peak_tflops,
     peak_memory_mb,
     plot_loss,
     read_metrics,
@@ -476,12 +475,8 @@ class Trainer:
         t = self.cfg.train
         if t.peak_tflops is not None:
             per_device = t.peak_tflops * 1e12
-        elif self.device.type == "cpu":
-            # the peak of the precision trained in (fp16 autocast on CPU is emulated: quote it against fp32)
-            dtype = self.precision.dtype if self.precision.name == "bf16" else torch.float32
-            per_device = measure_matmul_peak_tflops(dtype=dtype) * 1e12
         else:
-            per_device = (gpu_peak_tflops(torch.cuda.get_device_name(self.device), self.precision.name) or 0) * 1e12
+            per_device = device_peak_tflops(self.device, self.precision.name) * 1e12
         return per_device * self.dist.world_size if per_device else None
 
     def _install_signals(self):
