@@ -18,20 +18,22 @@ Process-group set-up and the per-step control exchange live in `distributed`, th
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import itertools
 import math
 import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from streamtrain.amp import build_precision
+from streamtrain.amp import CpuProbe, ProbeShape, autocast_for, build_precision, probe_cpu_precision
 from streamtrain.checkpoint import (
     capture_rng_state,
     restore_rng_state,
@@ -79,6 +81,7 @@ __all__ = [
     "masked_sq_error",
     "valid_target_count",
     "plan_shapes",
+    "plan_shape_tokens",
     "rank_seed",
     "EXIT_DIVERGED",
 ]
@@ -121,6 +124,17 @@ def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
     return set(zip(sizes.tolist(), np.asarray(plan.padded_len).tolist()))
 
 
+def plan_shape_tokens(stream, epoch: int = 0) -> dict[tuple[int, int], int]:
+    """Padded tokens per (B, T) batch shape over `epoch`'s plan of a ShardStream (all ranks together)."""
+    plan = stream.plan(epoch)
+    sizes = np.diff(plan.starts)[plan.batch_order]  # the epoch's batches
+    lengths = np.asarray(plan.padded_len)[plan.batch_order]
+    tokens: dict[tuple[int, int], int] = {}
+    for B, T in zip(sizes.tolist(), lengths.tolist()):
+        tokens[(B, T)] = tokens.get((B, T), 0) + B * T
+    return tokens
+
+
 class Trainer:
     """Build with a resolved RunConfig and prepared data; `fit()` runs to the end (or a signal) and returns
     the exit code. The config is read, never changed: values derived from it (warmup, schedule horizon)
@@ -154,7 +168,6 @@ class Trainer:
 
         self.model = CausalTransformer(cfg.model).to(device)
         self.num_params = self.model.num_params()
-        self.precision = build_precision(device, t.amp, t.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
 
         max_shapes = cfg.data.max_shapes
@@ -163,6 +176,11 @@ class Trainer:
         self.train_stream, self.loader = self._make_loader(
             data.train_root, data.train_ids, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size,
             max_shapes=max_shapes,
+        )
+        # after the loader, whose plan gives the probe its shapes; before compile and DDP wrap the model
+        self.precision = build_precision(
+            device, t.amp, t.precision, probe=self._probe_cpu_precision,
+            recorded=checkpoint.get("precision") if checkpoint is not None else None,
         )
         self.train_model: torch.nn.Module = self.model
         self._compile_note: str | None = None
@@ -277,6 +295,45 @@ class Trainer:
             f"({100 * bucketing.pad_fraction(items, default_plan):.1f}% with {len(default_bounds)} lengths uncompiled)"
         )
 
+    def _probe_cpu_precision(self) -> CpuProbe:
+        """--amp on a CPU: rank 0 times this model's forward + backward in fp32 and bf16 at the training
+        plan's most frequent shapes (amp.probe_cpu_precision; cached per machine and config) and every rank
+        takes its answer. The probe runs on a copy of the model with inputs of its own and puts every global
+        generator back as it found it, so the run is the one `--precision` with the same answer gives."""
+        probe = None
+        if self.dist.is_main:
+            rng = capture_rng_state()
+            try:
+                probe = probe_cpu_precision(
+                    self._probe_step(), plan_shape_tokens(self.train_stream), dataclasses.asdict(self.cfg.model)
+                )
+            finally:
+                restore_rng_state(rng)
+        if self.dist.enabled:
+            probe = all_gather_objects(self.dist, probe)[0]
+        return probe
+
+    def _probe_step(self) -> Callable[[str, ProbeShape], None]:
+        """One forward + masked loss + backward at a (B, T) shape in a precision, on a copy of the model:
+        the real model's weights and gradients and the optimizer are never touched."""
+        model = copy.deepcopy(self.model).train()
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        dim = self.cfg.model.dim
+
+        def run(precision: str, shape: ProbeShape) -> None:
+            B, T = shape.batch, shape.length
+            if (B, T) not in inputs:
+                x = torch.randn(B, T, dim, generator=gen, device=self.device)  # (B, T, D) standardized
+                inputs[(B, T)] = x, torch.ones(B, T, dtype=torch.bool, device=self.device)
+            x, mask = inputs[(B, T)]
+            with autocast_for(precision, self.device.type):
+                pred = model(x)
+            (masked_sq_error(pred, x, mask) / mask.numel()).backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -308,6 +365,7 @@ class Trainer:
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
+            "precision": self.precision.record(),
             "scheduler": {
                 "kind": "warmup_cosine",
                 "decay_steps": self.decay_steps,

@@ -1,4 +1,4 @@
-"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting, precision choice."""
+"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting."""
 
 import dataclasses
 import json
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from streamtrain.amp import choose_precision
 from streamtrain.checkpoint import load_checkpoint
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
@@ -152,56 +151,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
     after = load_checkpoint(out / "checkpoints/last.pt")
     assert after["step"] >= 3
     assert all(torch.isfinite(t).all() for t in after["model"].values())
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (("cuda", True, False, None, True), "bf16"),
-        (("cuda", False, False, None, True), "fp16"),
-        (("cpu", False, True, None, True), "bf16"),
-        (("cpu", False, False, None, True), "fp32"),
-        (("cuda", True, True, None, False), "fp32"),
-        (("cpu", False, False, "bf16", False), "bf16"),
-        (("cuda", True, False, "fp16", True), "fp16"),
-        (("cpu", False, True, "fp32", True), "fp32"),
-        (("cpu", False, False, "fp16", True), "fp16"),
-    ],
-)
-def test_choose_precision(args, expected):
-    name, reason = choose_precision(*args)
-    assert name == expected
-    assert reason and "\n" not in reason
-
-
-def test_fp16_enables_the_grad_scaler_and_fp32_does_not():
-    from streamtrain.amp import build_precision
-
-    cpu = torch.device("cpu")
-    p16 = build_precision(cpu, amp=False, forced="fp16")
-    assert p16.dtype == torch.float16 and p16.scaler.is_enabled()
-    p32 = build_precision(cpu, amp=False, forced=None)
-    assert p32.dtype == torch.float32 and not p32.scaler.is_enabled()
-    pbf16 = build_precision(cpu, amp=False, forced="bf16")
-    assert pbf16.dtype == torch.bfloat16 and not pbf16.scaler.is_enabled()
-
-
-@pytest.mark.parametrize(
-    "cpuinfo, expected",
-    [
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),
-        ("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16\n", True),
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
-        ("processor\t: 0\nflags\t\t:\n", False),
-        ("", False),
-        # aarch64: BFDOT/BFMMLA exist, but whether torch's CPU kernels use them depends on the build
-        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n", False),
-    ],
-)
-def test_cpu_has_native_bf16_reads_the_cpu_flags(cpuinfo, expected):
-    from streamtrain.amp import cpu_has_native_bf16
-
-    assert cpu_has_native_bf16(cpuinfo) is expected
 
 
 def test_trainer_keeps_the_warmup_it_derives_out_of_its_config(tmp_path, dataset):
@@ -451,3 +400,4 @@ def test_nonfinite_skip_stops_after_the_limit_of_consecutive_steps(tmp_path, dat
     assert ckpt["step"] == 4 and ckpt["skipped_steps"] == 2  # saved after the skipped steps 3 and 4
     for name, weights in ckpt["model"].items():  # which left the weights of step 2 untouched
         assert torch.equal(weights, good[name]), name
+
