@@ -1,7 +1,8 @@
-"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting."""
+"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting, mixed-precision steps."""
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -401,3 +402,76 @@ def test_nonfinite_skip_stops_after_the_limit_of_consecutive_steps(tmp_path, dat
     for name, weights in ckpt["model"].items():  # which left the weights of step 2 untouched
         assert torch.equal(weights, good[name]), name
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision trains: one real step (forward, masked loss, backward, unscale, clip, AdamW) through
+# Trainer._train_step, in bf16 autocast and in fp16 autocast + GradScaler on CPU, against the same step in fp32
+
+
+def _step_in(tmp_path, dataset, precision):
+    """Run the first optimizer step of a Trainer in `precision`; return (loss, grad_norm, gradients the
+    backward left (scaled ones for fp16), gradients the optimizer used, weights before, weights after)."""
+    trainer = _trainer(tmp_path / precision, dataset, precision=precision, batch_tokens=256, clip=0.0)
+    params = list(trainer.model.parameters())
+    before = [p.detach().clone() for p in params]
+    seen = {}
+    scaler, optimizer = trainer.precision.scaler, trainer.optimizer
+    unscale, step = scaler.unscale_, optimizer.step
+
+    def spy_unscale(opt):
+        seen["backward"] = [p.grad.clone() for p in params]
+        return unscale(opt)
+
+    def spy_step(*args, **kwargs):
+        seen["used"] = [p.grad.clone() for p in params]
+        return step(*args, **kwargs)
+
+    scaler.unscale_, optimizer.step = spy_unscale, spy_step
+    group = [next(iter(trainer.loader))]
+    loss, grad_norm, _ = trainer._train_step(group)
+    after = [p.detach().clone() for p in params]
+    return float(loss), float(grad_norm), seen["backward"], seen["used"], before, after, trainer
+
+
+def _flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def _rel(a, b):
+    return float((_flat(a) - _flat(b)).norm() / _flat(b).norm())
+
+
+@pytest.mark.parametrize(
+    "precision, loss_rel, grad_rel",
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%), fp16 11 (2^-11 = 0.05%). Autocast rounds
+    # the inputs of every matmul; the loss is summed in fp32, so it carries about one rounding (measured
+    # 3e-4 and 1e-5). A gradient passes some 2 L + 2 = 6 matmuls in series whose rounding errors add in
+    # quadrature: ~sqrt(6) * 2^-9 = 0.5% for bf16, 0.06% for fp16 (measured 0.4% and 0.04%). Tolerances:
+    # about 8x those estimates, far below what a missing or doubled loss scale would give (65536x).
+    [("bf16", 5e-3, 3e-2), ("fp16", 1e-3, 5e-3)],
+)
+def test_a_mixed_precision_step_matches_the_fp32_step(tmp_path, dataset, precision, loss_rel, grad_rel):
+    """The weights after the step are compared as updates: AdamW's first update is lr * g / (|g| + eps),
+    about lr * sign(g) per weight, so it is blind to a gradient's scale (which the gradient checks see)
+    and flips by 2 lr where a rounding flips the sign of a near-zero gradient component; a step that was
+    skipped (an fp16 overflow) or updated the wrong weights would be off by the whole update."""
+    loss32, norm32, grads32, used32, before32, after32, _ = _step_in(tmp_path, dataset, "fp32")
+    loss, norm, grads, used, before, after, trainer = _step_in(tmp_path, dataset, precision)
+    for a, b in zip(before, before32):
+        assert torch.equal(a, b)  # the same initial weights: the same --seed
+    assert loss == pytest.approx(loss32, rel=loss_rel)
+    assert norm == pytest.approx(norm32, rel=grad_rel)  # the norm of the unscaled gradients
+    assert _rel(used, used32) < grad_rel  # what AdamW consumed: unscaled, not 65536x off
+    scale = trainer.precision.scaler.get_scale() if precision == "fp16" else 1.0
+    assert scale == (2.0**16 if precision == "fp16" else 1.0)  # the default initial scale, no overflow
+    assert _rel([g / scale for g in grads], grads32) < grad_rel  # backward ran on the scaled loss
+    if precision == "fp16":
+        assert _rel(grads, grads32) > 1000  # ... really scaled
+    update32 = [a - b for a, b in zip(after32, before32)]
+    update = [a - b for a, b in zip(after, before)]
+    assert float(_flat(update32).abs().max()) > 0
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    flipped = float(((_flat(update) - _flat(update32)).abs() > lr).float().mean())
+    assert flipped < 0.02  # measured 0.2% (bf16), 0.01% (fp16)
+    # flips in a share f of the weights move the update by 2 sqrt(f) of its norm: at most 0.28 for f = 2%
+    assert _rel(update, update32) < 2 * math.sqrt(0.02)  # measured 0.10 (bf16), 0.02 (fp16)
