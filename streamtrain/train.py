@@ -298,8 +298,9 @@ class Trainer:
     def _probe_cpu_precision(self) -> CpuProbe:
         """--amp on a CPU: rank 0 times this model's forward + backward in fp32 and bf16 at the training
         plan's most frequent shapes (amp.probe_cpu_precision; cached per machine and config) and every rank
-        takes its answer. The probe runs on a copy of the model with inputs of its own and puts every global
-        generator back as it found it, so the run is the one `--precision` with the same answer gives."""
+        takes its answer. The probe runs the training step's code on a copy of the model and on batches of
+        the plan read apart from the loader, and puts every global generator back as it found it, so the run
+        is the one `--precision` with the same answer gives."""
         probe = None
         if self.dist.is_main:
             rng = capture_rng_state()
@@ -314,22 +315,24 @@ class Trainer:
         return probe
 
     def _probe_step(self) -> Callable[[str, ProbeShape], None]:
-        """One forward + masked loss + backward at a (B, T) shape in a precision, on a copy of the model:
-        the real model's weights and gradients and the optimizer are never touched."""
+        """The training step's forward, masked loss and backward (`_micro_batch_loss`) on a real batch of
+        the plan with the (B, T) shape asked for, in a precision, on a copy of the model: the real model's
+        weights and gradients, the optimizer and the loader's position are never touched."""
         model = copy.deepcopy(self.model).train()
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        dim = self.cfg.model.dim
+        stream = self.train_stream
+        plan = stream.plan(0)
+        sizes, lengths = np.diff(plan.starts), np.asarray(plan.padded_len)
+        batches: dict[tuple[int, int], Any] = {}
 
         def run(precision: str, shape: ProbeShape) -> None:
             B, T = shape.batch, shape.length
-            if (B, T) not in inputs:
-                x = torch.randn(B, T, dim, generator=gen, device=self.device)  # (B, T, D) standardized
-                inputs[(B, T)] = x, torch.ones(B, T, dtype=torch.bool, device=self.device)
-            x, mask = inputs[(B, T)]
-            with autocast_for(precision, self.device.type):
-                pred = model(x)
-            (masked_sq_error(pred, x, mask) / mask.numel()).backward()
+            if (B, T) not in batches:
+                s = int(np.flatnonzero((sizes == B) & (lengths == T))[0])  # a segment of that shape
+                batches[(B, T)] = stream.make_batch(plan.order[plan.starts[s] : plan.starts[s + 1]], T)
+            batch = batches[(B, T)]
+            scale = 1.0 / max(valid_target_count(batch.lengths, self.cfg.model.dim), 1)
+            loss = self._micro_batch_loss(model, batch, scale, lambda: autocast_for(precision, self.device.type), False)
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
         return run
@@ -490,24 +493,28 @@ class Trainer:
         compiled = self.cfg.train.compile
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
-            x = batch.x.to(self.device, non_blocking=True)
-            mask = batch.mask.to(self.device, non_blocking=True)
-            x_std = self.standardize(x, mask)
-            # compiled: always pass offsets, one graph per T instead of two
-            offsets = model_offsets(batch, self.device, always=compiled)
-            if compiled:
-                torch._dynamo.maybe_mark_dynamic(x_std, 0)  # B: only T selects a graph
-                torch._dynamo.maybe_mark_dynamic(offsets, 0)
             sync_ctx = (
                 self.train_model.no_sync() if self.dist.enabled and i < len(group) - 1 else contextlib.nullcontext()
             )
             with sync_ctx:
-                with self.precision.autocast():
-                    pred = self.train_model(x_std, offsets)
-                loss = masked_sq_error(pred, x_std, mask) * scale
+                loss = self._micro_batch_loss(self.train_model, batch, scale, self.precision.autocast, compiled)
                 self.precision.scaler.scale(loss).backward()
             loss_total += loss.detach()
         return loss_total / self.dist.world_size
+
+    def _micro_batch_loss(self, model, batch, scale: float, autocast, compiled: bool) -> torch.Tensor:
+        """Forward of one micro-batch under `autocast()` and its masked loss times `scale`, in fp32."""
+        x = batch.x.to(self.device, non_blocking=True)
+        mask = batch.mask.to(self.device, non_blocking=True)
+        x_std = self.standardize(x, mask)
+        # compiled: always pass offsets, one graph per T instead of two
+        offsets = model_offsets(batch, self.device, always=compiled)
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(x_std, 0)  # B: only T selects a graph
+            torch._dynamo.maybe_mark_dynamic(offsets, 0)
+        with autocast():
+            pred = model(x_std, offsets)
+        return masked_sq_error(pred, x_std, mask) * scale
 
     # ------------------------------------------------------------------------------------------------- validation
 
