@@ -20,7 +20,7 @@ peak (torch.mm of 1024x1024, median) measured in this run. Prints a table and on
 
 `--amp`: for each model size D x L x FF (d_model, layers, ff; 4 heads), two Trainers on the same data,
 one built with --amp (its probe measures bf16 against fp32 in a fresh cache folder, so it always runs,
-and is timed) and one with --precision fp32; after a warm-up, rounds alternate `--fit-steps` steps of
+its build is timed: "build s", data preparation included) and one with --precision fp32; after a warm-up, rounds alternate `--fit-steps` steps of
 each. Prints per size what the probe chose and measured, the real tokens/s of both (medians over
 rounds) and their ratio: the goal is amp / fp32 >= 1.0 (when the probe picks fp32 both train alike and
 the ratio shows the noise). `--batch-tokens` defaults to fit's 4096 there.
@@ -192,7 +192,7 @@ def amp_check(args) -> int:
             result["amp_vs_fp32"] = result["amp_real_tokens_per_s"] / result["fp32_real_tokens_per_s"]
             results.append(result)
             print(f"{name}: {amp.precision.reason}", file=sys.stderr, flush=True)
-    print(f"{'size DxLxFF':<13} {'params':>8} {'--amp chose':>11} {'probe bf16/fp32':>15} {'probe s':>7} "
+    print(f"{'size DxLxFF':<13} {'params':>8} {'--amp chose':>11} {'probe bf16/fp32':>15} {'build s':>7} "
           f"{'fp32 tok/s':>10} {'amp tok/s':>10} {'amp/fp32':>8}")
     for r in results:
         probed = f"{r['probe_bf16_vs_fp32']:.2f}x" if r["probe_bf16_vs_fp32"] is not None else "n/a"
