@@ -19,9 +19,9 @@ reported rates are medians over rounds. MFU is PaLM-style model FLOPs on real to
 peak (torch.mm of 1024x1024, median) measured in this run. Prints a table and one JSON line.
 
 `--amp`: for each model size D x L x FF (d_model, layers, ff; 4 heads), two Trainers on the same data,
-one built with --amp (its probe measures bf16 against fp32 in a fresh cache folder, so it always runs,
-its build is timed: "build s", data preparation included) and one with --precision fp32; after a warm-up, rounds alternate `--fit-steps` steps of
-each. Prints per size what the probe chose and measured, the real tokens/s of both (medians over
+one built with --amp (its probe measures bf16 against fp32 in a fresh cache folder, so it always runs;
+"build s" is that Trainer's build time, probe and data preparation included) and one with --precision
+fp32; after a warm-up, rounds alternate `--fit-steps` steps of each. Prints per size what the probe chose and measured, the real tokens/s of both (medians over
 rounds) and their ratio: the goal is amp / fp32 >= 1.0 (when the probe picks fp32 both train alike and
 the ratio shows the noise). `--batch-tokens` defaults to fit's 4096 there.
 """
