@@ -6,6 +6,9 @@ A checkpoint is one `torch.save` dict::
     model            state_dict with the uncompiled, unwrapped parameter names
     optimizer        AdamW state_dict
     scaler           GradScaler state_dict (empty unless fp16)
+    precision        amp.Precision.record(): the precision trained in, how it was chosen and, for --amp on a
+                     CPU, what the probe measured; a resumed --amp run keeps it instead of probing again
+                     (absent before the probe: a resumed run then chooses anew)
     scheduler        {"kind": "warmup_cosine", "decay_steps": N, "warmup_steps": W, "estimated": bool}: the
                      rate is a pure function of step, N and W; "estimated" is True once --max-seconds has
                      fitted N to the measured step time, so a resumed run keeps that horizon

@@ -33,6 +33,7 @@ __all__ = [
     "write_config",
     "parse_synthetic",
     "COMPILE_MAX_SHAPES",
+    "DERIVED_KEY",
 ]
 
 COMPILE_MAX_SHAPES = 16  # default --max-shapes with --compile: each padded length T costs a compilation
@@ -350,10 +351,17 @@ def _toml_module(path: Path):
         ) from None
 
 
+# RUN/config.json's record of what fit derived from the config and the machine (the --amp precision): kept
+# next to the options for the reader, never read back as one, so config.json stays a valid --config file.
+DERIVED_KEY = "derived"
+
+
 def _flatten(obj: dict, source: str) -> dict[str, Any]:
     owner = {f.name: section for section, klass in SECTIONS.items() for f in fields(klass)}
     values: dict[str, Any] = {}
     for key, value in obj.items():
+        if key == DERIVED_KEY:
+            continue
         if key in SECTIONS and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 name = sub_key.replace("-", "_")
@@ -398,8 +406,12 @@ def resolve_config(
     return RunConfig(**{name: _build(klass, values, "config") for name, klass in SECTIONS.items()})
 
 
-def write_config(path: str | os.PathLike, config: RunConfig) -> None:
-    """Write RUN/config.json atomically (it is also a valid --config file)."""
+def write_config(path: str | os.PathLike, config: RunConfig, derived: dict[str, Any] | None = None) -> None:
+    """Write RUN/config.json atomically (it is also a valid --config file). `derived`: what the run chose
+    from the config and the machine, kept under DERIVED_KEY, which reading the file skips."""
     from streamtrain.format import atomic_write_json
 
-    atomic_write_json(path, config.to_json())
+    obj = config.to_json()
+    if derived:
+        obj[DERIVED_KEY] = derived
+    atomic_write_json(path, obj)

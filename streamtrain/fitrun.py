@@ -66,9 +66,9 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
         if checkpoint is not None:
             _check_same_model(cfg.model, ModelConfig(**checkpoint["config"]["model"]))
-        if dist_info.is_main:
-            write_config(run_dir / "config.json", cfg)
         trainer = Trainer(cfg, data, run_dir, device, dist_info, checkpoint, stream=stream)
+        if dist_info.is_main:  # once the Trainer has chosen the precision (--amp may measure it)
+            write_config(run_dir / "config.json", cfg, derived={"precision": trainer.precision.record()})
         return trainer.fit()
     finally:
         if dist_info.enabled and dist.is_initialized():

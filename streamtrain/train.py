@@ -18,20 +18,22 @@ Process-group set-up and the per-step control exchange live in `distributed`, th
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import itertools
 import math
 import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from streamtrain.amp import build_precision
+from streamtrain.amp import CpuProbe, ProbeShape, autocast_for, build_precision, probe_cpu_precision
 from streamtrain.checkpoint import (
     capture_rng_state,
     restore_rng_state,
@@ -62,8 +64,7 @@ from streamtrain.metrics import (
     LiveView,
     MetricsLog,
     ThroughputMeter,
-    gpu_peak_tflops,
-    measure_matmul_peak_tflops,
+    device_peak_tflops,
     peak_memory_mb,
     plot_loss,
     read_metrics,
@@ -80,6 +81,7 @@ __all__ = [
     "masked_sq_error",
     "valid_target_count",
     "plan_shapes",
+    "plan_shape_tokens",
     "rank_seed",
     "EXIT_DIVERGED",
 ]
@@ -122,6 +124,17 @@ def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
     return set(zip(sizes.tolist(), np.asarray(plan.padded_len).tolist()))
 
 
+def plan_shape_tokens(stream, epoch: int = 0) -> dict[tuple[int, int], int]:
+    """Padded tokens per (B, T) batch shape over `epoch`'s plan of a ShardStream (all ranks together)."""
+    plan = stream.plan(epoch)
+    sizes = np.diff(plan.starts)[plan.batch_order]  # the epoch's batches
+    lengths = np.asarray(plan.padded_len)[plan.batch_order]
+    tokens: dict[tuple[int, int], int] = {}
+    for B, T in zip(sizes.tolist(), lengths.tolist()):
+        tokens[(B, T)] = tokens.get((B, T), 0) + B * T
+    return tokens
+
+
 class Trainer:
     """Build with a resolved RunConfig and prepared data; `fit()` runs to the end (or a signal) and returns
     the exit code. The config is read, never changed: values derived from it (warmup, schedule horizon)
@@ -155,7 +168,6 @@ class Trainer:
 
         self.model = CausalTransformer(cfg.model).to(device)
         self.num_params = self.model.num_params()
-        self.precision = build_precision(device, t.amp, t.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
 
         max_shapes = cfg.data.max_shapes
@@ -164,6 +176,11 @@ class Trainer:
         self.train_stream, self.loader = self._make_loader(
             data.train_root, data.train_ids, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size,
             max_shapes=max_shapes,
+        )
+        # after the loader, whose plan gives the probe its shapes; before compile and DDP wrap the model
+        self.precision = build_precision(
+            device, t.amp, t.precision, probe=self._probe_cpu_precision,
+            recorded=checkpoint.get("precision") if checkpoint is not None else None,
         )
         self.train_model: torch.nn.Module = self.model
         self._compile_note: str | None = None
@@ -278,6 +295,48 @@ class Trainer:
             f"({100 * bucketing.pad_fraction(items, default_plan):.1f}% with {len(default_bounds)} lengths uncompiled)"
         )
 
+    def _probe_cpu_precision(self) -> CpuProbe:
+        """--amp on a CPU: rank 0 times this model's forward + backward in fp32 and bf16 at the training
+        plan's most frequent shapes (amp.probe_cpu_precision; cached per machine and config) and every rank
+        takes its answer. The probe runs the training step's code on a copy of the model and on batches of
+        the plan read apart from the loader, and puts every global generator back as it found it, so the run
+        is the one `--precision` with the same answer gives."""
+        probe = None
+        if self.dist.is_main:
+            rng = capture_rng_state()
+            try:
+                probe = probe_cpu_precision(
+                    self._probe_step(), plan_shape_tokens(self.train_stream), dataclasses.asdict(self.cfg.model)
+                )
+            finally:
+                restore_rng_state(rng)
+        if self.dist.enabled:
+            probe = all_gather_objects(self.dist, probe)[0]
+        return probe
+
+    def _probe_step(self) -> Callable[[str, ProbeShape], None]:
+        """The training step's forward, masked loss and backward (`_micro_batch_loss`) on a real batch of
+        the plan with the (B, T) shape asked for, in a precision, on a copy of the model: the real model's
+        weights and gradients, the optimizer and the loader's position are never touched."""
+        model = copy.deepcopy(self.model).train()
+        stream = self.train_stream
+        plan = stream.plan(0)
+        sizes, lengths = np.diff(plan.starts), np.asarray(plan.padded_len)
+        batches: dict[tuple[int, int], Any] = {}
+
+        def run(precision: str, shape: ProbeShape) -> None:
+            B, T = shape.batch, shape.length
+            if (B, T) not in batches:
+                s = int(np.flatnonzero((sizes == B) & (lengths == T))[0])  # a segment of that shape
+                batches[(B, T)] = stream.make_batch(plan.order[plan.starts[s] : plan.starts[s + 1]], T)
+            batch = batches[(B, T)]
+            scale = 1.0 / max(valid_target_count(batch.lengths, self.cfg.model.dim), 1)
+            loss = self._micro_batch_loss(model, batch, scale, lambda: autocast_for(precision, self.device.type), False)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -309,6 +368,7 @@ class Trainer:
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
+            "precision": self.precision.record(),
             "scheduler": {
                 "kind": "warmup_cosine",
                 "decay_steps": self.decay_steps,
@@ -433,24 +493,28 @@ class Trainer:
         compiled = self.cfg.train.compile
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
-            x = batch.x.to(self.device, non_blocking=True)
-            mask = batch.mask.to(self.device, non_blocking=True)
-            x_std = self.standardize(x, mask)
-            # compiled: always pass offsets, one graph per T instead of two
-            offsets = model_offsets(batch, self.device, always=compiled)
-            if compiled:
-                torch._dynamo.maybe_mark_dynamic(x_std, 0)  # B: only T selects a graph
-                torch._dynamo.maybe_mark_dynamic(offsets, 0)
             sync_ctx = (
                 self.train_model.no_sync() if self.dist.enabled and i < len(group) - 1 else contextlib.nullcontext()
             )
             with sync_ctx:
-                with self.precision.autocast():
-                    pred = self.train_model(x_std, offsets)
-                loss = masked_sq_error(pred, x_std, mask) * scale
+                loss = self._micro_batch_loss(self.train_model, batch, scale, self.precision.autocast, compiled)
                 self.precision.scaler.scale(loss).backward()
             loss_total += loss.detach()
         return loss_total / self.dist.world_size
+
+    def _micro_batch_loss(self, model, batch, scale: float, autocast, compiled: bool) -> torch.Tensor:
+        """Forward of one micro-batch under `autocast()` and its masked loss times `scale`, in fp32."""
+        x = batch.x.to(self.device, non_blocking=True)
+        mask = batch.mask.to(self.device, non_blocking=True)
+        x_std = self.standardize(x, mask)
+        # compiled: always pass offsets, one graph per T instead of two
+        offsets = model_offsets(batch, self.device, always=compiled)
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(x_std, 0)  # B: only T selects a graph
+            torch._dynamo.maybe_mark_dynamic(offsets, 0)
+        with autocast():
+            pred = model(x_std, offsets)
+        return masked_sq_error(pred, x_std, mask) * scale
 
     # ------------------------------------------------------------------------------------------------- validation
 
@@ -476,12 +540,8 @@ class Trainer:
         t = self.cfg.train
         if t.peak_tflops is not None:
             per_device = t.peak_tflops * 1e12
-        elif self.device.type == "cpu":
-            # the peak of the precision trained in (fp16 autocast on CPU is emulated: quote it against fp32)
-            dtype = self.precision.dtype if self.precision.name == "bf16" else torch.float32
-            per_device = measure_matmul_peak_tflops(dtype=dtype) * 1e12
         else:
-            per_device = (gpu_peak_tflops(torch.cuda.get_device_name(self.device), self.precision.name) or 0) * 1e12
+            per_device = device_peak_tflops(self.device, self.precision.name) * 1e12
         return per_device * self.dist.world_size if per_device else None
 
     def _install_signals(self):

@@ -58,7 +58,9 @@ def test_config_json_and_the_checkpoint_hold_the_same_config(tmp_path, dataset):
     assert run_fit({**TINY, "data": str(dataset), "out": str(out), "max_steps": 2}) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["max_shapes"] is not None and config["optim"]["warmup_steps"] is None
-    assert load_checkpoint(out / "checkpoints/last.pt")["config"] == config
+    ckpt = load_checkpoint(out / "checkpoints/last.pt")
+    derived = config.pop("derived")  # what the run chose, which a --config file does not set
+    assert ckpt["config"] == config and ckpt["precision"] == derived["precision"]
 
 
 def test_resume_needs_a_checkpoint_and_a_new_run_needs_a_fresh_folder(tmp_path, dataset):

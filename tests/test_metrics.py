@@ -77,9 +77,66 @@ def test_plot_loss_writes_a_png(tmp_path):
     assert "loss.png" in line
 
 
-def test_gpu_peak_table():
-    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+def test_gpu_peak_table_matches_exact_device_names():
+    # dense bf16 datasheet figures: H100 SXM5 1979 / 2, H100 PCIe 1513 / 2, L40S 733 / 2, L4 242 / 2
+    peaks = {name: gpu_peak_tflops(name, "bf16") for name in
+             ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA L40S", "NVIDIA L4")}
+    assert peaks == {"NVIDIA H100 80GB HBM3": 989.5, "NVIDIA H100 PCIe": 756.5, "NVIDIA L40S": 362.0,
+                     "NVIDIA L4": 121.0}
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 67.0
+    assert gpu_peak_tflops("  nvidia   L40S ", "bf16") == 362.0  # case and spacing do not matter
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == gpu_peak_tflops("NVIDIA A100 80GB PCIe", "fp16") == 312.0
+    # a name is never matched in part, and a precision without units is not in the table
+    assert gpu_peak_tflops("NVIDIA L40S-Something", "bf16") is None
+    assert gpu_peak_tflops("NVIDIA H100", "bf16") is None
+    assert gpu_peak_tflops("Tesla T4", "bf16") is None and gpu_peak_tflops("Tesla T4", "fp16") == 65.0
     assert gpu_peak_tflops("Some Unknown GPU", "bf16") is None
+
+
+def test_device_peak_uses_the_table_and_measures_what_it_does_not_know():
+    import torch
+
+    from streamtrain.metrics import device_peak_tflops
+
+    measured = []
+
+    def measure(dtype, device):
+        measured.append((dtype, torch.device(device).type))
+        return 123.0
+
+    cuda = torch.device("cuda")
+    assert device_peak_tflops(cuda, "bf16", device_name="NVIDIA L40S", measure=measure) == 362.0
+    assert device_peak_tflops(cuda, "bf16", device_name="NVIDIA B300 Imaginary", measure=measure) == 123.0
+    assert device_peak_tflops(cuda, "bf16", device_name="Tesla T4", measure=measure) == 123.0  # no bf16 units
+    assert device_peak_tflops(cuda, "fp16", device_name="NVIDIA Unknown", measure=measure) == 123.0
+    assert measured == [(torch.bfloat16, "cuda"), (torch.bfloat16, "cuda"), (torch.float16, "cuda")]
+    # fp32 matmuls count at the TF32 rate where torch lets them use it
+    matmul = torch.backends.cuda.matmul  # a module proxy that monkeypatch cannot restore
+    allowed = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert device_peak_tflops(cuda, "fp32", device_name="NVIDIA H100 80GB HBM3", measure=measure) == 67.0
+        matmul.allow_tf32 = True
+        assert device_peak_tflops(cuda, "fp32", device_name="NVIDIA H100 80GB HBM3", measure=measure) == 494.5
+    finally:
+        matmul.allow_tf32 = allowed
+    # on a CPU always measured, fp16 (emulated there) as fp32
+    measured.clear()
+    cpu = torch.device("cpu")
+    for precision in ("fp32", "bf16", "fp16"):
+        assert device_peak_tflops(cpu, precision, measure=measure) == 123.0
+    assert measured == [(torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.float32, "cpu")]
+
+
+def test_measured_matmul_peak_is_positive_and_leaves_the_global_generator_alone():
+    import torch
+
+    from streamtrain.metrics import measure_matmul_peak_tflops
+
+    state = torch.get_rng_state()
+    assert measure_matmul_peak_tflops(size=64, budget_s=0.01) > 0
+    assert measure_matmul_peak_tflops(size=64, budget_s=0.01, dtype=torch.bfloat16, device="cpu") > 0
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 _REWRITE_WITH_A_FILE_SIZE_LIMIT = """

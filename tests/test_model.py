@@ -68,10 +68,40 @@ def test_sinusoidal_positions_match_the_formula():
     assert pe[t, 2 * i + 1].item() == pytest.approx(torch.cos(torch.tensor(t / 10000 ** (2 * i / 6))).item(), abs=1e-6)
 
 
-def test_flops_per_token_follows_palm():
-    model = _model()
-    n = model.num_params()
-    assert model.flops_per_token(100) == 6 * n + 12 * 2 * 32 * 100
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_train_flops_match_the_matmuls_torch_counts_in_a_forward_and_backward(deterministic_rng, input_norm):
+    """The reference: torch.utils.flop_counter.FlopCounterMode over a real forward + backward of rows of
+    full length T, with attention on SDPA's math backend, whose matmuls the counter sees (it has no
+    formula for the CPU flash kernel, which it would count as 0).
+
+    What each side counts, 2 FLOPs per multiply-add:
+    - the counter, matmuls only: a Linear's forward 2 in out per token and backward 4 in out (input and
+      weight gradients), but 2 in out for the embedding when nothing before it needs a gradient (no
+      --input-norm, whose gains would need the embedding's input gradient); attention's QK^T
+      and AV over the whole T x T matrix (the math backend masks after computing it): 4 T C per token
+      and layer forward, 8 T C backward. Bias adds, LayerNorm, softmax, GELU and the loss are no matmuls.
+    - PaLM (train_flops): 6 per parameter, biases and LayerNorm gains included, + 12 L C T per token.
+    So train_flops - counted = tokens (6 (parameters outside Linear weights) + [2 D C]), exactly: both
+    sides are integer counts far below 2**53, so no tolerance is needed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _model(input_norm=input_norm).train()
+    B, T, D, C, L = 3, 16, 5, 32, 2
+    x = torch.randn(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        masked_sq_error(model(x), x, mask).backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert by_op["aten.bmm"] == 12 * L * C * T * (B * T)  # the attention term, on its own
+
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    others = model.num_params() - linear_weights  # biases, LayerNorm gains and biases
+    assert others > 0
+    lengths = torch.full((B,), T)
+    skipped_input_grad = 0 if input_norm else 2 * D * C
+    assert model.train_flops(lengths) - counter.get_total_flops() == B * T * (6 * others + skipped_input_grad)
+    assert model.train_flops(lengths) == B * T * model.flops_per_token(T)
 
 
 def test_train_flops_sums_flops_per_token_over_each_rows_length():

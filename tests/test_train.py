@@ -1,14 +1,14 @@
-"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting, precision choice."""
+"""Trainer: the loss against a float64 reference, accumulation, exact resume, overfitting, mixed-precision steps."""
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import write_dataset
-from streamtrain.amp import choose_precision
 from streamtrain.checkpoint import load_checkpoint
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
@@ -152,56 +152,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
     after = load_checkpoint(out / "checkpoints/last.pt")
     assert after["step"] >= 3
     assert all(torch.isfinite(t).all() for t in after["model"].values())
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (("cuda", True, False, None, True), "bf16"),
-        (("cuda", False, False, None, True), "fp16"),
-        (("cpu", False, True, None, True), "bf16"),
-        (("cpu", False, False, None, True), "fp32"),
-        (("cuda", True, True, None, False), "fp32"),
-        (("cpu", False, False, "bf16", False), "bf16"),
-        (("cuda", True, False, "fp16", True), "fp16"),
-        (("cpu", False, True, "fp32", True), "fp32"),
-        (("cpu", False, False, "fp16", True), "fp16"),
-    ],
-)
-def test_choose_precision(args, expected):
-    name, reason = choose_precision(*args)
-    assert name == expected
-    assert reason and "\n" not in reason
-
-
-def test_fp16_enables_the_grad_scaler_and_fp32_does_not():
-    from streamtrain.amp import build_precision
-
-    cpu = torch.device("cpu")
-    p16 = build_precision(cpu, amp=False, forced="fp16")
-    assert p16.dtype == torch.float16 and p16.scaler.is_enabled()
-    p32 = build_precision(cpu, amp=False, forced=None)
-    assert p32.dtype == torch.float32 and not p32.scaler.is_enabled()
-    pbf16 = build_precision(cpu, amp=False, forced="bf16")
-    assert pbf16.dtype == torch.bfloat16 and not pbf16.scaler.is_enabled()
-
-
-@pytest.mark.parametrize(
-    "cpuinfo, expected",
-    [
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", True),
-        ("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16\n", True),
-        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
-        ("processor\t: 0\nflags\t\t:\n", False),
-        ("", False),
-        # aarch64: BFDOT/BFMMLA exist, but whether torch's CPU kernels use them depends on the build
-        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n", False),
-    ],
-)
-def test_cpu_has_native_bf16_reads_the_cpu_flags(cpuinfo, expected):
-    from streamtrain.amp import cpu_has_native_bf16
-
-    assert cpu_has_native_bf16(cpuinfo) is expected
 
 
 def test_trainer_keeps_the_warmup_it_derives_out_of_its_config(tmp_path, dataset):
@@ -451,3 +401,77 @@ def test_nonfinite_skip_stops_after_the_limit_of_consecutive_steps(tmp_path, dat
     assert ckpt["step"] == 4 and ckpt["skipped_steps"] == 2  # saved after the skipped steps 3 and 4
     for name, weights in ckpt["model"].items():  # which left the weights of step 2 untouched
         assert torch.equal(weights, good[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision trains: one real step (forward, masked loss, backward, unscale, clip, AdamW) through
+# Trainer._train_step, in bf16 autocast and in fp16 autocast + GradScaler on CPU, against the same step in fp32
+
+
+def _step_in(tmp_path, dataset, precision):
+    """Run the first optimizer step of a Trainer in `precision`; return (loss, grad_norm, gradients the
+    backward left (scaled ones for fp16), gradients the optimizer used, weights before, weights after)."""
+    trainer = _trainer(tmp_path / precision, dataset, precision=precision, batch_tokens=256, clip=0.0)
+    params = list(trainer.model.parameters())
+    before = [p.detach().clone() for p in params]
+    seen = {}
+    scaler, optimizer = trainer.precision.scaler, trainer.optimizer
+    unscale, step = scaler.unscale_, optimizer.step
+
+    def spy_unscale(opt):
+        seen["backward"] = [p.grad.clone() for p in params]
+        return unscale(opt)
+
+    def spy_step(*args, **kwargs):
+        seen["used"] = [p.grad.clone() for p in params]
+        return step(*args, **kwargs)
+
+    scaler.unscale_, optimizer.step = spy_unscale, spy_step
+    group = [next(iter(trainer.loader))]
+    loss, grad_norm, _ = trainer._train_step(group)
+    after = [p.detach().clone() for p in params]
+    return float(loss), float(grad_norm), seen["backward"], seen["used"], before, after, trainer
+
+
+def _flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def _rel(a, b):
+    return float((_flat(a) - _flat(b)).norm() / _flat(b).norm())
+
+
+@pytest.mark.parametrize(
+    "precision, loss_rel, grad_rel",
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%), fp16 11 (2^-11 = 0.05%). Autocast rounds
+    # the inputs of every matmul; the loss is summed in fp32, so it carries about one rounding (measured
+    # 3e-4 and 1e-5). A gradient passes some 2 L + 2 = 6 matmuls in series whose rounding errors add in
+    # quadrature: ~sqrt(6) * 2^-9 = 0.5% for bf16, 0.06% for fp16 (measured 0.4% and 0.04%). Tolerances:
+    # about 8x those estimates, far below what a missing or doubled loss scale would give (65536x).
+    [("bf16", 5e-3, 3e-2), ("fp16", 1e-3, 5e-3)],
+)
+def test_a_mixed_precision_step_matches_the_fp32_step(tmp_path, dataset, precision, loss_rel, grad_rel):
+    """The weights after the step are compared as updates: AdamW's first update is lr * g / (|g| + eps),
+    about lr * sign(g) per weight, so it is blind to a gradient's scale (which the gradient checks see)
+    and flips by 2 lr where a rounding flips the sign of a near-zero gradient component; a step that was
+    skipped (an fp16 overflow) or updated the wrong weights would be off by the whole update."""
+    loss32, norm32, grads32, used32, before32, after32, _ = _step_in(tmp_path, dataset, "fp32")
+    loss, norm, grads, used, before, after, trainer = _step_in(tmp_path, dataset, precision)
+    for a, b in zip(before, before32):
+        assert torch.equal(a, b)  # the same initial weights: the same --seed
+    assert loss == pytest.approx(loss32, rel=loss_rel)
+    assert norm == pytest.approx(norm32, rel=grad_rel)  # the norm of the unscaled gradients
+    assert _rel(used, used32) < grad_rel  # what AdamW consumed: unscaled, not 65536x off
+    scale = trainer.precision.scaler.get_scale() if precision == "fp16" else 1.0
+    assert scale == (2.0**16 if precision == "fp16" else 1.0)  # the default initial scale, no overflow
+    assert _rel([g / scale for g in grads], grads32) < grad_rel  # backward ran on the scaled loss
+    if precision == "fp16":
+        assert _rel(grads, grads32) > 1000  # ... really scaled
+    update32 = [a - b for a, b in zip(after32, before32)]
+    update = [a - b for a, b in zip(after, before)]
+    assert float(_flat(update32).abs().max()) > 0
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    flipped = float(((_flat(update) - _flat(update32)).abs() > lr).float().mean())
+    assert flipped < 0.02  # measured 0.2% (bf16), 0.01% (fp16)
+    # flips in a share f of the weights move the update by 2 sqrt(f) of its norm: at most 0.28 for f = 2%
+    assert _rel(update, update32) < 2 * math.sqrt(0.02)  # measured 0.10 (bf16), 0.02 (fp16)

@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from streamtrain.errors import DataError
 from streamtrain.format import Index, map_file, parse_lengths
+from streamtrain.user_cache import cache_dir
 
 __all__ = [
     "FileVersion",
@@ -102,20 +103,6 @@ _verified: dict[FileVersion, str] = {}
 def forget() -> None:
     """Forget what this process verified (the record cache stays): the next check reads records again."""
     _verified.clear()
-
-
-def cache_dir() -> Path | None:
-    """$STREAMTRAIN_CACHE_DIR, else $XDG_CACHE_HOME/streamtrain, else ~/.cache/streamtrain (None: no home)."""
-    explicit = os.environ.get("STREAMTRAIN_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "streamtrain"
-    try:
-        return Path.home() / ".cache" / "streamtrain"
-    except (RuntimeError, KeyError):
-        return None
 
 
 def _record_path(version: FileVersion) -> Path | None:
