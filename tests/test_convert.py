@@ -477,8 +477,8 @@ def test_lines_longer_than_a_read_chunk(tmp_path):
     jsonl.write_text("\n".join(big) + "\n")
     found, _ = cv.list_sources([tmp_path / "src"])
     by_name = {Path(src.path).name: src for src in found}
-    assert sources._is_lines_document(by_name["lines.json"])
-    assert not sources._is_lines_document(by_name["one.json"])
+    assert sources.is_lines_document(by_name["lines.json"])
+    assert not sources.is_lines_document(by_name["one.json"])
     assert list(sources._iter_record_texts(by_name["x.jsonl"])) == [t.encode() for t in big]
     r = cv.convert([tmp_path / "src"], tmp_path / "out", workers=2, shard_mb=1)
     assert (r.num_sequences, r.num_rejected) == (7, 0)

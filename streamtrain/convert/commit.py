@@ -35,7 +35,7 @@ from streamtrain.convert.plan import MANIFEST_FORMAT, MANIFEST_VERSION
 from streamtrain.convert.report import ConvertResult
 from streamtrain.errors import DataError, UserError
 
-__all__ = ["LOCK_FILE", "STAGING_PREFIX"]
+__all__ = ["LOCK_FILE", "STAGING_PREFIX", "check_out_dir", "commit"]
 
 LOCK_FILE = ".convert.lock"
 STAGING_PREFIX = ".staging-"
@@ -48,7 +48,7 @@ _OUR_TOP_FILES = re.compile(
 _OUR_FIXED_NAMES = re.compile(r"^(shards|index\.json|rejects\.jsonl|\.convert\.lock|\.staging-.*)$")
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if not out.exists() or fmt.is_dataset(out) or force:
@@ -119,7 +119,7 @@ def _crash_point(name: str) -> None:
         os._exit(86)
 
 
-def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
+def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
             num_ignored, src_list, staging, token, t0, workers, progress) -> ConvertResult:
     build_set = set(build)
     shards: list[fmt.ShardInfo] = []

@@ -16,23 +16,23 @@ import orjson
 
 from streamtrain.convert.commit import (
     STAGING_PREFIX,
-    _check_out_dir,
+    check_out_dir,
     _collect_garbage,
-    _commit,
+    commit,
     _Lock,
 )
 from streamtrain.convert.plan import (
-    _MIN_PARTIAL_BYTES,
-    _load_previous,
-    _plan_groups,
-    _resolve_dim,
-    _resolve_groups,
-    _reusable_groups,
-    _source_kinds,
+    MIN_PARTIAL_BYTES,
+    load_previous,
+    plan_groups,
+    resolve_dim,
+    resolve_groups,
+    reusable_groups,
+    source_kinds,
 )
 from streamtrain.convert.report import ConvertProgress, ConvertResult
 from streamtrain.convert.sources import list_sources
-from streamtrain.convert.workers import _execute, default_workers
+from streamtrain.convert.workers import execute, default_workers
 from streamtrain.errors import UserError
 
 __all__ = ["ON_ERROR_CHOICES", "convert"]
@@ -66,7 +66,7 @@ def convert(
     if not sources:
         raise UserError("no input given (pass one or more SRC files or folders)")
     out = Path(out)
-    _check_out_dir(out, force)
+    check_out_dir(out, force)
     src_list, num_ignored = list_sources(sources, exclude=out)
     if not src_list:
         raise UserError(
@@ -74,31 +74,31 @@ def convert(
             + (f" ({num_ignored} other files ignored)" if num_ignored else "")
         )
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
-    partial_bytes = max(_MIN_PARTIAL_BYTES, shard_bytes // 16)
+    partial_bytes = max(MIN_PARTIAL_BYTES, shard_bytes // 16)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        prev_index, manifest = _load_previous(out, force)
+        prev_index, manifest = load_previous(out, force)
         if force:
             manifest = None
         _collect_garbage(out, prev_index)
-        dim, dim_source = _resolve_dim(src_list, dim, manifest)
+        dim, dim_source = resolve_dim(src_list, dim, manifest)
         settings = {"dim": dim, "on_error": on_error, "shard_bytes": shard_bytes, "partial_bytes": partial_bytes}
         settings_key = orjson.dumps(settings).decode()
-        groups = _plan_groups(src_list, shard_bytes, settings_key)
+        groups = plan_groups(src_list, shard_bytes, settings_key)
         old_groups = {}
         if manifest is not None and manifest.get("settings") == settings and prev_index is not None:
-            old_groups = _reusable_groups(out, prev_index, manifest)
+            old_groups = reusable_groups(out, prev_index, manifest)
         build = [i for i, g in enumerate(groups) if g.key not in old_groups]
         todo = [groups[i] for i in build]
-        _resolve_groups(todo, partial_bytes, _source_kinds(todo, partial_bytes))
+        resolve_groups(todo, partial_bytes, source_kinds(todo, partial_bytes))
 
         token = secrets.token_hex(4)
         staging = out / f"{STAGING_PREFIX}{token}"
         staging.mkdir()
         try:
-            built = _execute(groups, build, dim, on_error, workers, staging, token, progress,
+            built = execute(groups, build, dim, on_error, workers, staging, token, progress,
                              sum(g.nominal_bytes for g in groups), len(src_list))
-            return _commit(
+            return commit(
                 out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
                 num_ignored, src_list, staging, token, t0, workers, progress,
             )

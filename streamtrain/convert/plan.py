@@ -30,15 +30,18 @@ import numpy as np
 import orjson
 
 from streamtrain import format as fmt
-from streamtrain.convert.sources import _detect_dim, _is_lines_document, _Source
+from streamtrain.convert.sources import detect_dim, is_lines_document, Source
 from streamtrain.errors import DataError, UserError
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION"]
+__all__ = [
+    "MANIFEST_FORMAT", "MANIFEST_VERSION", "Segment", "MIN_PARTIAL_BYTES", "load_previous", "plan_groups",
+    "resolve_dim", "resolve_groups", "reusable_groups", "source_kinds", "split_partials",
+]
 
 MANIFEST_FORMAT = "streamtrain-convert-manifest"
 MANIFEST_VERSION = 1
 
-_MIN_PARTIAL_BYTES = 256 << 10
+MIN_PARTIAL_BYTES = 256 << 10
 _CDC_MASK = 7  # a file whose path hash has these bits clear may end a group early (content-defined cut)
 _READ_BYTES = 8 << 20
 
@@ -63,7 +66,7 @@ def _cdc_cut(path: str) -> bool:
     return (zlib.crc32(path.encode()) & _CDC_MASK) == 0
 
 
-def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) -> list[_Group]:
+def plan_groups(sources: list[Source], shard_bytes: int, settings_key: str) -> list[_Group]:
     groups: list[_Group] = []
     current: list = []
     current_bytes = 0
@@ -75,7 +78,7 @@ def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) ->
         current, current_bytes = [], 0
 
     for src in sources:
-        splittable = src.kind == "lines" or (src.size > shard_bytes and _is_lines_document(src))
+        splittable = src.kind == "lines" or (src.size > shard_bytes and is_lines_document(src))
         if src.size > shard_bytes and splittable:
             close()
             for k in range(math.ceil(src.size / shard_bytes)):
@@ -92,15 +95,15 @@ def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) ->
     return groups
 
 
-def _source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
+def source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
     """How each input file of `groups` is read: "lines" (split at line boundaries) or "document" (whole)."""
     kinds: dict[str, str] = {}
     for g in groups:
         for src, s, e in g.nominal:
             if src.path not in kinds:
-                # A file split over several groups was found to be JSON Lines by `_plan_groups`.
+                # A file split over several groups was found to be JSON Lines by `plan_groups`.
                 split = (s, e) != (0, src.size)
-                big_json = src.kind == "document" and src.size > partial_bytes and _is_lines_document(src)
+                big_json = src.kind == "document" and src.size > partial_bytes and is_lines_document(src)
                 kinds[src.path] = "lines" if src.kind == "lines" or split or big_json else "document"
     return kinds
 
@@ -140,9 +143,9 @@ def _resolve_cuts(path: str, size: int, offsets: Iterable[int]) -> dict[int, tup
     return result
 
 
-def _resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, str]) -> None:
+def resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, str]) -> None:
     """Fill each group's line-aligned segments and its partial cuts (nominal offsets, resolved by whoever
-    reads the text: the task itself, or `_split_partials` when partials run as separate tasks)."""
+    reads the text: the task itself, or `split_partials` when partials run as separate tasks)."""
     starts: dict[str, set] = {}
     for g in groups:
         for src, s, e in g.nominal:
@@ -170,7 +173,7 @@ def _resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, s
         g.cuts = [c for c in g.cuts if c[0] < len(g.segments)]
 
 
-def _split_partials(g: _Group) -> list[list]:
+def split_partials(g: _Group) -> list[list]:
     """The group's partials as segment lists (reads the files to find line boundaries and numbers)."""
     offsets: dict[str, list] = {}
     for i, off in g.cuts:
@@ -202,7 +205,7 @@ def _split_partials(g: _Group) -> list[list]:
 # Reuse: the previous run's state
 
 
-def _load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
+def load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
     """The previous run's index and reuse manifest (None where absent or unusable). An index.json that
     cannot be read is an error unless `force`: rebuilding would replace a dataset that may be intact."""
     if not fmt.is_dataset(out):
@@ -228,7 +231,7 @@ def _load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, di
     return index, manifest
 
 
-def _reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
+def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
     """Groups of the previous run whose shard is still what the index says (same file, size, checksum)."""
     shards = {s.file: s for s in index.shards}
     lengths = None
@@ -253,7 +256,7 @@ def _reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, d
     return usable
 
 
-def _resolve_dim(src_list: list[_Source], dim: int | None, manifest: dict | None) -> tuple[int, list | None]:
+def resolve_dim(src_list: list[Source], dim: int | None, manifest: dict | None) -> tuple[int, list | None]:
     if dim is not None:
         return dim, None
     if manifest is not None and manifest.get("dim_source"):
@@ -263,7 +266,7 @@ def _resolve_dim(src_list: list[_Source], dim: int | None, manifest: dict | None
         now = [s.fingerprint() for s in src_list[: len(prefix)]]
         if now == prefix and prefix and prefix[-1] == recorded:
             return int(manifest["settings"]["dim"]), recorded
-    found = _detect_dim(src_list)
+    found = detect_dim(src_list)
     if found is None:
         raise DataError(
             f"no valid record in {len(src_list)} input file{'s' if len(src_list) != 1 else ''} to take --dim from "

@@ -13,22 +13,22 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from streamtrain.convert.records import (
-    _BOM,
+    BOM,
     RecordError,
-    _is_json,
-    _looks_like_json_lines,
-    _split_lines,
+    is_json,
+    looks_like_json_lines,
+    split_lines,
     parse_record,
 )
 from streamtrain.errors import UserError
 
-__all__ = ["list_sources"]
+__all__ = ["list_sources", "Source", "read_range", "detect_dim", "is_lines_document"]
 
 _INPUT_SUFFIXES = (".json", ".jsonl")
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
     path: str  # as shown in provenance: the SRC argument joined with the path below it
     size: int
     mtime_ns: int
@@ -42,9 +42,9 @@ class _Source:
         return [self.path, self.size, self.mtime_ns, self.inode, self.ctime_ns]
 
 
-def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = None) -> tuple[list[_Source], int]:
+def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = None) -> tuple[list[Source], int]:
     """Input files under `sources`, sorted by path, and the number of other files ignored in folders."""
-    found: dict[str, _Source] = {}
+    found: dict[str, Source] = {}
     ignored = 0
     exclude_real = exclude.resolve() if exclude is not None else None
     for src in sources:
@@ -76,12 +76,12 @@ def _add_source(found: dict, path: str) -> None:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     kind = "lines" if path.endswith(".jsonl") else "document"
-    found[path] = _Source(path, st.st_size, st.st_mtime_ns, kind, st.st_ino, st.st_ctime_ns)
+    found[path] = Source(path, st.st_size, st.st_mtime_ns, kind, st.st_ino, st.st_ctime_ns)
 
 
-def _is_lines_document(src: _Source) -> bool:
+def is_lines_document(src: Source) -> bool:
     """Whether a big .json file is JSON Lines (so it can be split at line boundaries), decided exactly as
-    `blocks._document_records` decides for the whole text. Reads only up to the end of the first non-blank
+    `blocks.document_records` decides for the whole text. Reads only up to the end of the first non-blank
     line (and the start of the next one) unless that line is not JSON on its own."""
     parts: list[bytes] = []
     first_end = -1  # offset in the joined head of the "\n" that ends the first non-blank line
@@ -90,8 +90,8 @@ def _is_lines_document(src: _Source) -> bool:
     more_after_first = False
     with open(src.path, "rb") as f:
         while chunk := f.read(1 << 20):
-            if not parts and chunk.startswith(_BOM):
-                chunk = chunk[len(_BOM):]
+            if not parts and chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
             parts.append(chunk)
             pos = 0
             if not content:
@@ -116,14 +116,14 @@ def _is_lines_document(src: _Source) -> bool:
     if not content or not more_after_first:
         return False  # blank, or one line that is the whole text: one document
     first = b"".join(parts)[:first_end].strip()
-    if _is_json(first):
+    if is_json(first):
         return True  # a whole value followed by more text: not one JSON value, and JSON Lines
     # The first line is not JSON: decide on the whole text (a rare, broken file; read once more).
-    data = _read_range(src.path, 0, src.size).removeprefix(_BOM)
-    return not _is_json(data) and _looks_like_json_lines(data)
+    data = read_range(src.path, 0, src.size).removeprefix(BOM)
+    return not is_json(data) and looks_like_json_lines(data)
 
 
-def _read_range(path: str, start: int, end: int) -> bytes:
+def read_range(path: str, start: int, end: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.pread(fd, end - start, start)
@@ -139,7 +139,7 @@ def _read_range(path: str, start: int, end: int) -> bytes:
         os.close(fd)
 
 
-def _detect_dim(sources: list[_Source]) -> tuple[int, _Source] | None:
+def detect_dim(sources: list[Source]) -> tuple[int, Source] | None:
     """Width of the first valid record in sorted order (reading as little as possible)."""
     for src in sources:
         for text in _iter_record_texts(src):
@@ -151,20 +151,20 @@ def _detect_dim(sources: list[_Source]) -> tuple[int, _Source] | None:
     return None
 
 
-def _iter_record_texts(src: _Source) -> Iterator[bytes]:
+def _iter_record_texts(src: Source) -> Iterator[bytes]:
     if src.kind == "document" and src.size <= (64 << 20):
-        data = _read_range(src.path, 0, src.size)
-        if _is_json(data):
+        data = read_range(src.path, 0, src.size)
+        if is_json(data):
             yield data
-        elif _looks_like_json_lines(data):
-            yield from _split_lines(data, 1)[0]
+        elif looks_like_json_lines(data):
+            yield from split_lines(data, 1)[0]
         return
     with open(src.path, "rb") as f:
         pending: list[bytes] = []  # pieces of the line being read (a line may span many chunks)
         first = True
         while chunk := f.read(1 << 20):
-            if first and chunk.startswith(_BOM):
-                chunk = chunk[len(_BOM):]
+            if first and chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
             first = False
             if b"\n" not in chunk:
                 pending.append(chunk)

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from streamtrain import format as fmt
-from streamtrain.convert.plan import _split_partials
+from streamtrain.convert.plan import split_partials
 from streamtrain.convert.tasks import (
-    _merge_pieces,
-    _run_task,
-    _TaskResult,
-    _TaskSpec,
-    _worker_init,
+    merge_pieces,
+    run_task,
+    TaskResult,
+    TaskSpec,
+    worker_init,
 )
 from streamtrain.errors import DataError
 
-__all__ = ["default_workers"]
+__all__ = ["default_workers", "execute"]
 
 
 def default_workers() -> int:
@@ -50,16 +50,16 @@ def _make_tasks(groups, build, dim, on_error, workers, staging: Path, token: str
     for gi in build:
         g = groups[gi]
         final_path = _shard_path(staging, token, gi)
-        partials = _split_partials(g) if many_tasks and g.cuts else None
+        partials = split_partials(g) if many_tasks and g.cuts else None
         if partials and len(partials) > 1:
             ids = []
             for pi, partial in enumerate(partials):
                 piece = str(staging / f"piece-{gi:06d}-{pi:06d}.pickle")
                 ids.append(len(specs))
-                specs.append(_TaskSpec(len(specs), gi, partial, [], dim, on_error, piece, False, backend))
+                specs.append(TaskSpec(len(specs), gi, partial, [], dim, on_error, piece, False, backend))
             pieces_of[gi] = ids
         else:
-            specs.append(_TaskSpec(len(specs), gi, g.segments, g.cuts, dim, on_error, final_path, True, backend))
+            specs.append(TaskSpec(len(specs), gi, g.segments, g.cuts, dim, on_error, final_path, True, backend))
     return specs, pieces_of
 
 
@@ -75,10 +75,10 @@ class _Built:
     sha256: str = ""
 
 
-def _execute(groups, build, dim, on_error, workers, staging, token, progress, total_bytes, num_files):
+def execute(groups, build, dim, on_error, workers, staging, token, progress, total_bytes, num_files):
     specs, pieces_of = _make_tasks(groups, build, dim, on_error, workers, staging, token)
     crash_after = int(os.environ.get("STREAMTRAIN_TEST_CRASH_AFTER_SHARDS", "0") or 0)
-    results: dict[int, _TaskResult] = {}
+    results: dict[int, TaskResult] = {}
     merged: dict[int, tuple[int, str]] = {}
     failed: list[int] = []  # task ids of tasks that hit a reject under --on-error fail
     shards_written = 0
@@ -86,7 +86,7 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
     n_procs = min(workers, len(specs))
     sizes = {src.path: src.size for i in build for src, _, _ in groups[i].nominal}
 
-    def on_result(r: _TaskResult) -> None:
+    def on_result(r: TaskResult) -> None:
         nonlocal shards_written
         results[r.task_id] = r
         if r.failed:
@@ -113,25 +113,25 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
         gc.disable()
         try:
             for spec in specs:
-                on_result(_run_task(spec))
+                on_result(run_task(spec))
                 if failed:
                     break
             else:
                 for gi, ids in pieces_of.items():
                     job = _merge_job(results, ids, staging, token, gi)
-                    merged[gi] = (_merge_pieces(*job, dim), job[1]) if job else None
+                    merged[gi] = (merge_pieces(*job, dim), job[1]) if job else None
         finally:
             if was_enabled:
                 gc.enable()
     else:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         # Workers are forked before any progress thread starts.
-        with ctx.Pool(n_procs, initializer=_worker_init) as pool:
+        with ctx.Pool(n_procs, initializer=worker_init) as pool:
             pending_merges = {}
             # Largest tasks first, so the last ones to finish are small (results are keyed by task id,
             # so the order of execution changes nothing in the output).
             by_size = sorted(specs, key=lambda s: -sum(seg[2] - seg[1] for seg in s.segments))
-            for r in pool.imap_unordered(_run_task, by_size):
+            for r in pool.imap_unordered(run_task, by_size):
                 on_result(r)
                 if failed:
                     if first_failure_known():
@@ -140,7 +140,7 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
                 for gi, ids in pieces_of.items():
                     if gi not in pending_merges and all(i in results for i in ids):
                         job = _merge_job(results, ids, staging, token, gi)
-                        pending_merges[gi] = pool.apply_async(_merge_pieces, (*job, dim)) if job else None
+                        pending_merges[gi] = pool.apply_async(merge_pieces, (*job, dim)) if job else None
             if not failed:
                 for gi, job in pending_merges.items():
                     merged[gi] = (job.get(), _shard_path(staging, token, gi)) if job else None
@@ -179,7 +179,7 @@ def _execute(groups, build, dim, on_error, workers, staging, token, progress, to
 
 
 def _merge_job(results, ids, staging, token, gi) -> tuple[list[str], str] | None:
-    """Arguments of `_merge_pieces` (piece files in order, shard path) for group `gi`; None if nothing was kept."""
+    """Arguments of `merge_pieces` (piece files in order, shard path) for group `gi`; None if nothing was kept."""
     paths = [results[i].out_path for i in ids if results[i].out_path]
     return (paths, _shard_path(staging, token, gi)) if paths else None
 
