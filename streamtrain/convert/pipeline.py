@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 import orjson
 
-from streamtrain.convert.commit import (
-    STAGING_PREFIX,
-    check_out_dir,
-    _collect_garbage,
-    commit,
-    _Lock,
-)
+from streamtrain import format as fmt
+from streamtrain.convert.commit import check_out_dir, collect_garbage, commit
 from streamtrain.convert.plan import (
     MIN_PARTIAL_BYTES,
     load_previous,
@@ -32,7 +25,7 @@ from streamtrain.convert.plan import (
 )
 from streamtrain.convert.report import ConvertProgress, ConvertResult
 from streamtrain.convert.sources import list_sources
-from streamtrain.convert.workers import execute, default_workers
+from streamtrain.convert.workers import default_workers, execute
 from streamtrain.errors import UserError
 
 __all__ = ["ON_ERROR_CHOICES", "convert"]
@@ -76,11 +69,11 @@ def convert(
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
     partial_bytes = max(MIN_PARTIAL_BYTES, shard_bytes // 16)
     out.mkdir(parents=True, exist_ok=True)
-    with _Lock(out):
+    with fmt.DatasetLock(out):
         prev_index, manifest = load_previous(out, force)
         if force:
             manifest = None
-        _collect_garbage(out, prev_index)
+        collect_garbage(out, prev_index)
         dim, dim_source = resolve_dim(src_list, dim, manifest)
         settings = {"dim": dim, "on_error": on_error, "shard_bytes": shard_bytes, "partial_bytes": partial_bytes}
         settings_key = orjson.dumps(settings).decode()
@@ -92,15 +85,11 @@ def convert(
         todo = [groups[i] for i in build]
         resolve_groups(todo, partial_bytes, source_kinds(todo, partial_bytes))
 
-        token = secrets.token_hex(4)
-        staging = out / f"{STAGING_PREFIX}{token}"
-        staging.mkdir()
-        try:
+        token = fmt.new_token()
+        with fmt.staging_folder(out, token) as staging:
             built = execute(groups, build, dim, on_error, workers, staging, token, progress,
-                             sum(g.nominal_bytes for g in groups), len(src_list))
+                            sum(g.nominal_bytes for g in groups), len(src_list))
             return commit(
                 out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
                 num_ignored, src_list, staging, token, t0, workers, progress,
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
