@@ -26,7 +26,9 @@ from streamtrain.convert.records import (
     NEGATIVE_ZERO_INT,
     F32_OVERFLOW,
     RecordError,
+    blank_file_reason,
     decode_json,
+    is_blank,
     is_json,
     looks_like_json_lines,
     split_lines,
@@ -36,6 +38,7 @@ from streamtrain.errors import UserError
 
 __all__ = [
     "parser_backend", "BLOCK_BYTES", "Backend", "BlockOut", "convert_fast", "document_records", "records_into",
+    "reject_blank_file",
 ]
 
 # Everything a JSON number or JSON white space can contain; deleting it leaves the structural skeleton.
@@ -253,11 +256,12 @@ def _convert_block(
 
 
 def document_records(data: bytes, dim: int, out: BlockOut, on_error: str, backend: Backend) -> bool:
-    """A .json file: one record (line 1), or JSON Lines when the whole text is not one JSON value."""
+    """A .json file (all of its bytes): one record (line 1), or JSON Lines when the whole text is not one JSON
+    value; a file of nothing but white space is one reject at line 1."""
+    if is_blank(data):
+        return reject_blank_file(len(data), data.startswith(BOM), out, on_error)
     if data.startswith(BOM):
         data = data[len(BOM):]
-    if not data.strip():
-        return True
     if convert_fast([data], [1], dim, out, backend):
         return True
     if is_json(data) or not looks_like_json_lines(data):
@@ -265,6 +269,13 @@ def document_records(data: bytes, dim: int, out: BlockOut, on_error: str, backen
     # JSON Lines: every line is its own record with its own reason and line number.
     texts, lines, _ = split_lines(data, 1)
     return records_into(texts, lines, dim, out, on_error, backend)
+
+
+def reject_blank_file(size: int, bom: bool, out: BlockOut, on_error: str) -> bool:
+    """Record a whole file that holds no record as one reject at line 1; False when on_error == "fail"."""
+    out.num_records += 1
+    out.rejects.append((1, blank_file_reason(size, bom)))
+    return on_error != "fail"
 
 
 def records_into(texts: list, lines: list, dim: int, out: BlockOut, on_error: str, backend: Backend) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from streamtrain import format as fmt
-from streamtrain.convert.sources import detect_dim, is_lines_document, Source
+from streamtrain.convert.sources import Source, detect_dim, is_lines_document, reading_input
 from streamtrain.errors import DataError, UserError
 
 __all__ = [
@@ -113,7 +113,7 @@ def _resolve_cuts(path: str, size: int, offsets: Iterable[int]) -> dict[int, tup
     (offsets at or past the end map to (size, 0): no line number is needed there). One sequential read of
     the file up to the last offset before its end."""
     result: dict[int, tuple[int, int]] = {}
-    with open(path, "rb") as f:
+    with reading_input(path), open(path, "rb") as f:
         pos, line = 0, 1  # pos is a line start; line is its number
         for off in sorted(set(offsets)):
             if off <= 0:
@@ -267,10 +267,11 @@ def resolve_dim(src_list: list[Source], dim: int | None, manifest: dict | None) 
         if now == prefix and prefix and prefix[-1] == recorded:
             return int(manifest["settings"]["dim"]), recorded
     found = detect_dim(src_list)
-    if found is None:
+    if isinstance(found, str):
         raise DataError(
             f"no valid record in {len(src_list)} input file{'s' if len(src_list) != 1 else ''} to take --dim from "
-            "(a record is an array of at least 2 vectors of equal length); run with --on-error skip --dim D to see why"
+            f"(first: {found}); a record is an array of at least 2 vectors of equal length. Run with "
+            "--on-error skip --dim D to see every reject"
         )
     width, src = found
     return width, src.fingerprint()

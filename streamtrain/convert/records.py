@@ -1,7 +1,8 @@
 """One record: decoding and validation with one precise reason per rejected record, and splitting text into
 records. This is the slow path of convert, and the contract that the fast path (`blocks`) must match.
 
-Records. A `.jsonl` file holds one record per line; a `.json` file (or any explicitly named file) holds one
+Records. A file that holds nothing but white space (or is empty) is one rejected record at line 1: almost
+always a failed export, never silently zero records. A `.jsonl` file holds one record per line; a `.json` file (or any explicitly named file) holds one
 record, or JSON Lines when the whole document is not one JSON value and has lines that are (see
 `looks_like_json_lines`). A record is an array of vectors
 `[[v1..vD], ...]` or an object with a `"sequence"` key holding one. Values are stored as
@@ -18,8 +19,8 @@ import numpy as np
 import orjson
 
 __all__ = [
-    "F32_MAX", "F32_OVERFLOW", "RecordError", "parse_record", "BOM", "NEGATIVE_ZERO_INT", "decode_json",
-    "is_json", "looks_like_json_lines", "split_lines",
+    "F32_MAX", "F32_OVERFLOW", "RecordError", "parse_record", "BOM", "is_blank", "blank_file_reason",
+    "NEGATIVE_ZERO_INT", "decode_json", "is_json", "looks_like_json_lines", "split_lines",
 ]
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -132,6 +133,22 @@ def parse_record(text: bytes | str, dim: int | None = None) -> np.ndarray:
     if isinstance(text, str):
         text = text.encode("utf-8")
     return _validate_value(decode_json(text), dim)
+
+
+def is_blank(data: bytes) -> bool:
+    """Whether `data`, the start of a file or all of it, holds nothing but white space (after a UTF-8 BOM)."""
+    return not data.removeprefix(BOM).strip()
+
+
+def blank_file_reason(size: int, bom: bool) -> str:
+    """Why a file of `size` bytes that holds nothing but white space (after a BOM if `bom`) is rejected."""
+    if size == 0:
+        return "empty file (0 bytes): nothing to convert — a failed export?"
+    if bom and size == len(BOM):
+        what = "a UTF-8 byte-order mark"
+    else:
+        what = "a UTF-8 byte-order mark and white space" if bom else "white space"
+    return f"file holds only {what} ({size} bytes): nothing to convert — a failed export?"
 
 
 # ---------------------------------------------------------------------------------------------------------

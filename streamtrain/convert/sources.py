@@ -7,6 +7,7 @@ width of the first valid record in sorted order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Iterator, Sequence
 from streamtrain.convert.records import (
     BOM,
     RecordError,
+    blank_file_reason,
+    is_blank,
     is_json,
     looks_like_json_lines,
     split_lines,
@@ -22,7 +25,10 @@ from streamtrain.convert.records import (
 )
 from streamtrain.errors import UserError
 
-__all__ = ["list_sources", "Source", "read_range", "detect_dim", "is_lines_document"]
+__all__ = [
+    "list_sources", "Source", "reading_input", "read_range", "blank_file_size", "detect_dim", "iter_record_texts",
+    "is_lines_document",
+]
 
 _INPUT_SUFFIXES = (".json", ".jsonl")
 
@@ -88,7 +94,7 @@ def is_lines_document(src: Source) -> bool:
     offset = 0  # bytes in `parts`
     content = False  # whether a non-blank byte was seen
     more_after_first = False
-    with open(src.path, "rb") as f:
+    with reading_input(src.path), open(src.path, "rb") as f:
         while chunk := f.read(1 << 20):
             if not parts and chunk.startswith(BOM):
                 chunk = chunk[len(BOM):]
@@ -123,45 +129,83 @@ def is_lines_document(src: Source) -> bool:
     return not is_json(data) and looks_like_json_lines(data)
 
 
-def read_range(path: str, start: int, end: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+@contextlib.contextmanager
+def reading_input(path: str) -> Iterator[None]:
+    """Turn an OSError while reading the input file `path` into a UserError naming it."""
     try:
-        data = os.pread(fd, end - start, start)
-        if len(data) < end - start:  # a short read (large ranges); read the rest, up to end of file
-            parts = [data]
-            pos = start + len(data)
-            while pos < end and (more := os.pread(fd, end - pos, pos)):
-                parts.append(more)
-                pos += len(more)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def detect_dim(sources: list[Source]) -> tuple[int, Source] | None:
-    """Width of the first valid record in sorted order (reading as little as possible)."""
+def read_range(path: str, start: int, end: int) -> bytes:
+    with reading_input(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, end - start, start)
+            if len(data) < end - start:  # a short read (large ranges); read the rest, up to end of file
+                parts = [data]
+                pos = start + len(data)
+                while pos < end and (more := os.pread(fd, end - pos, pos)):
+                    parts.append(more)
+                    pos += len(more)
+                data = b"".join(parts)
+            return data
+        finally:
+            os.close(fd)
+
+
+def blank_file_size(path: str, offset: int) -> int | None:
+    """For a file whose first `offset` bytes hold nothing but white space (and a BOM): its size when the rest
+    is white space too (the whole file is blank), else None. Reads only up to the first non-blank byte."""
+    with reading_input(path), open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return None
+        return f.tell()
+
+
+def _starts_with_bom(path: str) -> bool:
+    with reading_input(path), open(path, "rb") as f:
+        return f.read(len(BOM)) == BOM
+
+
+def detect_dim(sources: list[Source]) -> tuple[int, Source] | str:
+    """Width of the first valid record in sorted order (reading as little as possible), and the file it is
+    in; when no record is valid, the first problem found ("path:line: reason")."""
+    problem = ""
     for src in sources:
-        for text in _iter_record_texts(src):
+        seen = False
+        for line, text in iter_record_texts(src):
+            seen = True
             try:
                 arr = parse_record(text, None)
-            except RecordError:
+            except RecordError as e:
+                problem = problem or f"{src.path}:{line}: {e}"
                 continue
             return arr.shape[1], src
-    return None
+        if not seen:  # a file without a single non-blank line
+            problem = problem or f"{src.path}:1: {blank_file_reason(src.size, _starts_with_bom(src.path))}"
+    return problem
 
 
-def _iter_record_texts(src: Source) -> Iterator[bytes]:
+def iter_record_texts(src: Source) -> Iterator[tuple[int, bytes]]:
+    """(line, text) of each record of `src`, as convert splits it; nothing for a blank file."""
     if src.kind == "document" and src.size <= (64 << 20):
-        data = read_range(src.path, 0, src.size)
-        if is_json(data):
-            yield data
-        elif looks_like_json_lines(data):
-            yield from split_lines(data, 1)[0]
+        data = read_range(src.path, 0, src.size).removeprefix(BOM)
+        if is_blank(data):
+            return
+        if not is_json(data) and looks_like_json_lines(data):
+            texts, lines, _ = split_lines(data, 1)
+            yield from zip(lines, texts)
+        else:
+            yield 1, data
         return
-    with open(src.path, "rb") as f:
+    with reading_input(src.path), open(src.path, "rb") as f:
         pending: list[bytes] = []  # pieces of the line being read (a line may span many chunks)
         first = True
+        line = 1  # number of the line that `pending` begins
         while chunk := f.read(1 << 20):
             if first and chunk.startswith(BOM):
                 chunk = chunk[len(BOM):]
@@ -175,7 +219,8 @@ def _iter_record_texts(src: Source) -> Iterator[bytes]:
             pending = [tail]
             for text in complete:
                 if text and not text.isspace():
-                    yield text
+                    yield line, text
+                line += 1
         rest = b"".join(pending)
         if rest and not rest.isspace():
-            yield rest
+            yield line, rest

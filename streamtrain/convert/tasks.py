@@ -23,12 +23,12 @@ from streamtrain.convert.blocks import (
     BlockOut,
     convert_fast,
     document_records,
-    records_into,
     parser_backend,
+    records_into,
+    reject_blank_file,
 )
 from streamtrain.convert.records import BOM, split_lines
-from streamtrain.convert.sources import read_range
-from streamtrain.errors import UserError
+from streamtrain.convert.sources import blank_file_size, read_range
 
 __all__ = ["TaskSpec", "TaskResult", "run_task", "merge_pieces", "worker_init"]
 
@@ -152,10 +152,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
                 break
         if None in seg_cuts:
             st.close_partial()
-        try:
-            data = read_range(path, start, end)
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        data = read_range(path, start, end)
         parsed_bytes += end - start
         if kind == "document":
             docs.append((path, data))
@@ -168,6 +165,13 @@ def run_task(spec: TaskSpec) -> TaskResult:
             out = BlockOut()
             offs = [off - start for off in seg_cuts if off is not None]
             texts, lines, starts = split_lines(data, first_line, bom=start == 0, starts=bool(offs))
+            blank_ok = True
+            if start == 0 and not texts:
+                # The start of a file holds no record: the whole file may be blank (a file split over
+                # groups or partials is judged here, by the piece that holds its start).
+                size = blank_file_size(path, end)
+                if size is not None:
+                    blank_ok = reject_blank_file(size, data.startswith(BOM), out, on_error)
             del data
             k0 = 0
             for rel in offs:
@@ -184,6 +188,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
             if ok:
                 ok = records_into(texts[k0:], lines[k0:], dim, out, on_error, backend)
                 st.add(path, out)
+            ok = ok and blank_ok
         if not ok:
             break
     if ok and docs:
