@@ -1,6 +1,7 @@
 """Input discovery: which files a convert run reads, what kind of text each holds, and reading them.
 
-Folders are walked recursively for `.json` and `.jsonl` files (other files are counted as ignored); an
+Folders are walked recursively for `.json` and `.jsonl` files; other files, and hidden files and folders
+(a name that starts with "."), are counted as ignored, and a folder that cannot be read is an error. An
 explicitly named file is read whatever its name. Also finds the vector width when --dim is not given: the
 width of the first valid record in sorted order.
 """
@@ -49,7 +50,8 @@ class Source:
 
 
 def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = None) -> tuple[list[Source], int]:
-    """Input files under `sources`, sorted by path, and the number of other files ignored in folders."""
+    """Input files under `sources`, sorted by path, and the number of other files (and hidden folders) ignored
+    in folders."""
     found: dict[str, Source] = {}
     ignored = 0
     exclude_real = exclude.resolve() if exclude is not None else None
@@ -64,16 +66,26 @@ def list_sources(sources: Sequence[str | os.PathLike], exclude: Path | None = No
         if p.is_file():
             _add_source(found, os.path.normpath(src_str))
             continue
-        for root, dirs, files in os.walk(src_str):
+        for root, dirs, files in os.walk(src_str, onerror=_unreadable_folder):
             if exclude_real is not None:
                 dirs[:] = [d for d in dirs if Path(root, d).resolve() != exclude_real]
+            # Hidden entries are tool state, not data: .git/, editor swap files, macOS ._name.json files
+            # (AppleDouble metadata, not JSON). A hidden folder counts as one ignored entry, unread.
+            ignored += sum(d.startswith(".") for d in dirs)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 full = os.path.normpath(os.path.join(root, name))
-                if name.endswith(_INPUT_SUFFIXES):
+                if name.endswith(_INPUT_SUFFIXES) and not name.startswith("."):
                     _add_source(found, full)
                 else:
                     ignored += 1
     return [found[k] for k in sorted(found)], ignored
+
+
+def _unreadable_folder(e: OSError) -> None:
+    # os.walk would skip the folder and carry on: its files would be missing from the dataset unannounced.
+    raise UserError(f"{e.filename}: cannot read this folder ({e.strerror or e}); fix its permissions, or leave "
+                    "it out of SRC") from None
 
 
 def _add_source(found: dict, path: str) -> None:
