@@ -226,32 +226,75 @@ def load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dic
         manifest = orjson.loads((out / name).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return index, None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+    # A manifest is a cache: one that is damaged or disagrees with the index is not used (a full rebuild).
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("version") != MANIFEST_VERSION or not isinstance(manifest.get("groups"), list)
+            or not isinstance(manifest.get("settings"), dict) or not _is_count(manifest["settings"].get("dim"), 1)
+            or manifest["settings"]["dim"] != index.dim):
         return index, None
     return index, manifest
 
 
+def _is_count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_vector(value, dim: int) -> bool:
+    return (isinstance(value, list) and len(value) == dim
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _entry_is_usable(g, dim: int) -> bool:
+    """Whether a manifest group entry has every key, of the right type, that `commit` takes over."""
+    if not isinstance(g, dict) or not isinstance(g.get("key"), str) or not _is_count(g.get("num_records")):
+        return False
+    shard = g.get("shard")
+    if shard is not None and not (isinstance(shard, str) and isinstance(g.get("sha256"), str)):
+        return False
+    rejects = g.get("rejects")
+    if not isinstance(rejects, list) or not all(
+        isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _is_count(r[1], 1) and isinstance(r[2], str)
+        for r in rejects
+    ):
+        return False
+    stats = g.get("stats")
+    return (isinstance(stats, dict) and _is_count(stats.get("count")) and _is_vector(stats.get("mean"), dim)
+            and _is_vector(stats.get("m2"), dim) and min(stats["m2"], default=0) >= 0)
+
+
 def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
-    """Groups of the previous run whose shard is still what the index says (same file, size, checksum)."""
+    """Groups of the previous run whose manifest entry is whole and agrees with the index, and whose shard is
+    still what the index says (same file, size, checksum). Anything else is rebuilt."""
     shards = {s.file: s for s in index.shards}
+    claimed = [g.get("shard") for g in manifest["groups"] if isinstance(g, dict)]
     lengths = None
     usable = {}
-    for g in manifest.get("groups", []):
-        shard = g.get("shard")
+    for g in manifest["groups"]:
+        if not _entry_is_usable(g, index.dim):
+            continue
+        shard = g["shard"]
         if shard is not None:
             info = shards.get(shard)
             path = out / shard
-            if info is None or info.sha256 != g.get("sha256") or not path.is_file() or path.stat().st_size != info.bytes:
+            if (info is None or info.sha256 != g["sha256"] or claimed.count(shard) != 1 or not path.is_file()
+                    or path.stat().st_size != info.bytes):
                 continue
             if lengths is None:
                 try:
                     lengths = fmt.load_lengths(index)
                 except DataError:
                     return {}
-            g = dict(g, lengths=np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32),
-                     info=info)
+            group_lengths = np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32)
+            num_kept, num_tokens = info.num_sequences, info.num_tokens
+            if len(group_lengths) != num_kept or int(group_lengths.sum(dtype=np.int64)) != num_tokens:
+                continue
+            g = dict(g, lengths=group_lengths, info=info)
         else:
+            num_kept = num_tokens = 0
             g = dict(g, lengths=np.zeros(0, np.int32), info=None)
+        # Counts that disagree would break kept + rejected == records seen, or the statistics.
+        if g["num_records"] != num_kept + len(g["rejects"]) or g["stats"]["count"] != num_tokens:
+            continue
         usable[g["key"]] = g
     return usable
 
@@ -260,12 +303,14 @@ def resolve_dim(src_list: list[Source], dim: int | None, manifest: dict | None) 
     if dim is not None:
         return dim, None
     if manifest is not None and manifest.get("dim_source"):
-        # Reuse the detected width while every file up to the one it came from is unchanged.
+        # Reuse the detected width while every file up to the one it came from is unchanged (`load_previous`
+        # checked that the recorded width is the previous dataset's).
         recorded = manifest["dim_source"]
-        prefix = manifest.get("dim_prefix") or []
-        now = [s.fingerprint() for s in src_list[: len(prefix)]]
-        if now == prefix and prefix and prefix[-1] == recorded:
-            return int(manifest["settings"]["dim"]), recorded
+        prefix = manifest.get("dim_prefix")
+        if isinstance(prefix, list) and prefix and prefix[-1] == recorded:
+            now = [s.fingerprint() for s in src_list[: len(prefix)]]
+            if now == prefix:
+                return manifest["settings"]["dim"], recorded
     found = detect_dim(src_list)
     if isinstance(found, str):
         raise DataError(

@@ -120,7 +120,9 @@ class _TaskState:
         self.num_records += out.num_records
         self.num_fast += out.num_fast
         if isinstance(path, list):
-            assert not out.rejects and len(path) == sum(len(x) for x in out.lengths)
+            if out.rejects or len(path) != sum(len(x) for x in out.lengths):
+                raise RuntimeError(f"a block of {len(path)} whole files gave {sum(len(x) for x in out.lengths)} "
+                                   f"records and {len(out.rejects)} rejects; expected one record per file")
             self.paths.extend(path)
         else:
             self.rejects.extend((path, line, reason) for line, reason in out.rejects)
