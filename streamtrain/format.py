@@ -80,6 +80,7 @@ __all__ = [
     "referenced_files",
     "collect_leftovers",
     "is_dataset_file",
+    "DiskFullError",
     "naming_full_disk",
     "DatasetWriter",
 ]
@@ -626,10 +627,12 @@ def install_shards(root: str | os.PathLike, moves: Iterable[tuple[str | os.PathL
     """Move staged shard files into the dataset (`moves`: (staged path, name relative to `root`)) and make
     the renames durable. The names must be ones the current index does not name."""
     root = Path(root)
-    (root / SHARD_DIR).mkdir(exist_ok=True)
+    with naming_full_disk(root / SHARD_DIR):
+        (root / SHARD_DIR).mkdir(exist_ok=True)
     folders = set()
     for staged, name in moves:
-        os.replace(staged, root / name)
+        with naming_full_disk(root / name):
+            os.replace(staged, root / name)
         folders.add((root / name).parent)
     for folder in folders:
         fsync_dir(folder)
@@ -671,17 +674,20 @@ def collect_leftovers(root: str | os.PathLike, index: Index | None, keep: Iterab
             p.unlink(missing_ok=True)
 
 
+class DiskFullError(UserError):
+    """A file could not be written: the disk is full or the quota is exhausted. The message names the file."""
+
+
 @contextlib.contextmanager
 def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a full disk or an exhausted quota (ENOSPC, EDQUOT) while writing `path` into a UserError naming
-    `path`: one line for the user instead of a traceback. Other errors pass unchanged."""
+    """Turn a full disk or an exhausted quota (ENOSPC, EDQUOT) while writing `path` into a DiskFullError
+    naming `path`: one line for the user instead of a traceback. Other errors pass unchanged."""
     try:
         yield
     except OSError as e:
         if e.errno not in _DISK_FULL_ERRNOS:
             raise
-        raise UserError(f"{path}: cannot write: the disk is full ({os.strerror(e.errno)}); free some space "
-                        "and run again") from None
+        raise DiskFullError(f"{path}: cannot write: the disk is full ({os.strerror(e.errno)})") from None
 
 
 def _current_index(root: Path) -> Index | None:
@@ -721,19 +727,29 @@ class DatasetWriter:
         self._plain_names = False
         self._staged: list[tuple[Path, str]] = []  # (staged path, final name) of every shard written
         self._closed = False
+        self._index: Index | None = None
 
     def __enter__(self) -> "DatasetWriter":
         self._begin()
         return self
+
+    @contextlib.contextmanager
+    def _keeping_previous(self) -> Iterator[None]:
+        try:
+            yield
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; nothing was written to {self.root}, its previous content is intact") from None
 
     def _begin(self) -> None:
         if self._lock is not None:
             return
         if self._closed:
             raise ValueError("this DatasetWriter is closed")
-        self.root.mkdir(parents=True, exist_ok=True)
+        with self._keeping_previous(), naming_full_disk(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         lock = DatasetLock(self.root)
-        lock.__enter__()
+        with self._keeping_previous():
+            lock.__enter__()
         try:
             collect_leftovers(self.root, _current_index(self.root))
             self._token = new_token()
@@ -741,7 +757,8 @@ class DatasetWriter:
             self._plain_names = not (self.root / INDEX_FILE).exists() and not (self.root / LENGTHS_FILE).exists() \
                 and not any((self.root / SHARD_DIR).glob("shard-[0-9]*.arrow"))
             stack = contextlib.ExitStack()
-            self._staging_dir = stack.enter_context(staging_folder(self.root, self._token))
+            with self._keeping_previous():
+                self._staging_dir = stack.enter_context(staging_folder(self.root, self._token))
             self._staging = stack
         except BaseException:
             lock.__exit__(None, None, None)
@@ -756,7 +773,8 @@ class DatasetWriter:
         self._pending.append((seq, path, line))
         self._pending_bytes += seq.nbytes
         if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+            with self._keeping_previous():
+                self._flush()
 
     def _shard_name(self, number: int) -> str:
         return shard_name(number) if self._plain_names else f"{SHARD_DIR}/shard-{self._token}-{number:06d}.arrow"
@@ -785,36 +803,43 @@ class DatasetWriter:
         self._begin()
         written: list[Path] = []  # files of the new dataset outside the staging folder, until it is committed
         try:
-            self._flush()
-            lengths = np.asarray(self.lengths, dtype=np.int32)
-            buf = npy_bytes(lengths)
-            written.extend(self.root / name for _, name in self._staged)
-            install_shards(self.root, self._staged)
-            lengths_file = LENGTHS_FILE if self._plain_names else f"lengths-{self._token}.npy"
-            written.append(self.root / lengths_file)
-            with naming_full_disk(self.root / lengths_file):
-                atomic_write_bytes(self.root / lengths_file, buf)
-            index = Index(
-                root=self.root,
-                dim=self.dim,
-                num_sequences=len(lengths),
-                num_tokens=int(lengths.sum(dtype=np.int64)),
-                shards=self.shards,
-                mean=self.stats.mean,
-                std=self.stats.std,
-                lengths_file=lengths_file,
-                lengths_sha256=hashlib.sha256(buf).hexdigest(),
-                extra={"stats": self.stats.to_json(), **self.extra},
-            )
-            with naming_full_disk(self.root / INDEX_FILE):
-                write_index(index)
-            written = []
-            collect_leftovers(self.root, index)
+            with self._keeping_previous():
+                self._commit(written)
         finally:
             for p in written:  # not committed: nothing names them
                 p.unlink(missing_ok=True)
             self._end()
-        return index
+        return self._index
+
+    def _commit(self, written: list[Path]) -> None:
+        """Steps 3 to 6 of the protocol; `written` lists the new files outside the staging folder until
+        index.json names them."""
+        self._flush()
+        lengths = np.asarray(self.lengths, dtype=np.int32)
+        buf = npy_bytes(lengths)
+        written.extend(self.root / name for _, name in self._staged)
+        install_shards(self.root, self._staged)
+        lengths_file = LENGTHS_FILE if self._plain_names else f"lengths-{self._token}.npy"
+        written.append(self.root / lengths_file)
+        with naming_full_disk(self.root / lengths_file):
+            atomic_write_bytes(self.root / lengths_file, buf)
+        index = Index(
+            root=self.root,
+            dim=self.dim,
+            num_sequences=len(lengths),
+            num_tokens=int(lengths.sum(dtype=np.int64)),
+            shards=self.shards,
+            mean=self.stats.mean,
+            std=self.stats.std,
+            lengths_file=lengths_file,
+            lengths_sha256=hashlib.sha256(buf).hexdigest(),
+            extra={"stats": self.stats.to_json(), **self.extra},
+        )
+        with naming_full_disk(self.root / INDEX_FILE):
+            write_index(index)
+        written.clear()
+        self._index = index
+        collect_leftovers(self.root, index)
 
     def _end(self) -> None:
         self._closed = True

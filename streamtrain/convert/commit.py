@@ -9,13 +9,16 @@ manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step
   2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
   3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
      the current index names is ever overwritten; fsync the folder;
-  4. write `lengths-<token>.npy`, the reuse manifest `sources-<token>.json` and `rejects.jsonl` atomically;
-  5. write `index.json` atomically (temp + fsync + rename): the single commit point;
+  4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
+     `rejects.jsonl` into the staging folder;
+  5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
+     `rejects.jsonl` in (or delete the old one when nothing was rejected);
   6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
 A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
 next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
-content: between 4 and 5 it may already describe the new run. On a validation failure (`--on-error fail`)
-or an error while committing (a full disk) the new files are deleted and DIR is left as it was.
+content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
+failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
+it was.
 """
 
 from __future__ import annotations
@@ -183,9 +186,11 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         fmt.install_shards(out, moves)
         _write(out / lengths_file, lengths_buf)
         _write(out / manifest_file, orjson.dumps(manifest))
+        # rejects.jsonl is written now (the disk may be full) and moved in once index.json is.
+        staged_rejects = Path(staging) / fmt.REJECTS_FILE
         if rejects:
-            _write(rejects_path, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n"
-                                          for p, ln, r in rejects))
+            _write(staged_rejects, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n"
+                                            for p, ln, r in rejects))
         _crash_point("before-index")
         with fmt.naming_full_disk(out / fmt.INDEX_FILE):
             fmt.write_index(index)
@@ -194,8 +199,11 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         for path in written:
             path.unlink(missing_ok=True)
     _crash_point("after-index")
-    if not rejects:
+    if rejects:
+        os.replace(staged_rejects, rejects_path)
+    else:
         rejects_path.unlink(missing_ok=True)
+    fmt.fsync_dir(out)
     collect_garbage(out, index)
     progress.finish()
     return ConvertResult(

@@ -68,7 +68,18 @@ def convert(
         )
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
     partial_bytes = max(MIN_PARTIAL_BYTES, shard_bytes // 16)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes,
+                               force, progress, t0)
+    except fmt.DiskFullError as e:
+        # Every write before index.json is staged or under a fresh name, and nothing is written after it.
+        raise fmt.DiskFullError(f"{e}; nothing was committed, {out} is as it was") from None
+
+
+def _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes, force,
+                    progress, t0) -> ConvertResult:
+    with fmt.naming_full_disk(out):
+        out.mkdir(parents=True, exist_ok=True)
     with fmt.DatasetLock(out):
         prev_index, manifest = load_previous(out, force)
         if force:

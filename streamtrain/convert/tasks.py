@@ -214,7 +214,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
         result.shard_bytes, result.sha256 = fmt.write_shard(spec.out_path, table)
     else:
         # A piece is read back only by merge_pieces, in this run: plain buffers, no Arrow to decode.
-        with open(spec.out_path, "wb") as f:
+        with fmt.naming_full_disk(spec.out_path), open(spec.out_path, "wb") as f:
             pickle.dump((values, lengths, st.paths, lines), f, protocol=5)
     return result
 
