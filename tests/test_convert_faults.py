@@ -140,17 +140,21 @@ def corpus(tmp_path_factory):
     clean = root / "clean"
     r = cv.convert([src], clean, workers=1, on_error="skip", shard_mb=SHARD_MB)
     assert r.groups_built >= 8 and r.num_rejected >= 8
-    # How long a run takes from the fork, for spreading the kills over it.
-    timings = []
+    # How long a run takes from the fork (the median of three, with one and with two workers), for spreading
+    # the kills over it.
+    duration_s = {}
     for workers in (1, 2):
-        scratch = root / f"timing-{workers}"
-        started = time.monotonic()
-        assert _run_to_end(_start(src, scratch, workers)) == 0
-        timings.append(time.monotonic() - started)
-        assert _content(scratch) == _content(clean)
-        shutil.rmtree(scratch)
+        timings = []
+        for _ in range(3):
+            scratch = root / f"timing-{workers}"
+            started = time.monotonic()
+            assert _run_to_end(_start(src, scratch, workers)) == 0
+            timings.append(time.monotonic() - started)
+            assert _content(scratch) == _content(clean)
+            shutil.rmtree(scratch)
+        duration_s[workers] = sorted(timings)[1]
     return {"src": src, "previous": previous, "previous_content": _content(previous),
-            "clean_content": _content(clean), "duration_s": max(timings), "root": root}
+            "clean_content": _content(clean), "duration_s": duration_s, "root": root}
 
 
 def _one_fault(corpus, out: Path, workers: int, with_previous: bool, delay_s: float | None, env=None) -> bool:
@@ -182,11 +186,15 @@ def _one_fault(corpus, out: Path, workers: int, with_previous: bool, delay_s: fl
 def _random_faults(corpus, num_moments: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     out = corpus["root"] / f"out-{seed}"
-    delays = rng.uniform(0.0, corpus["duration_s"], size=num_moments)
-    cut = [_one_fault(corpus, out, workers=1 + k % 2, with_previous=bool(k % 3), delay_s=float(d))
-           for k, d in enumerate(delays)]
-    # Kills spread over the run: most of them cut it short (the others land just after its end).
-    assert sum(cut) >= num_moments * 0.6, cut
+    fractions = rng.uniform(0.0, 0.95, size=num_moments)  # of the run's measured duration
+    cut = []
+    for k, f in enumerate(fractions):
+        workers = 1 + k % 2
+        cut.append(_one_fault(corpus, out, workers, with_previous=bool(k % 3),
+                              delay_s=float(f * corpus["duration_s"][workers])))
+    # Kills spread over the run cut most runs short; on a busy machine timings wander, and a run that ended
+    # before its kill still checks the rerun.
+    assert sum(cut) >= num_moments / 3, cut
 
 
 def test_kill_9_at_random_moments_never_breaks_the_dataset(corpus):
