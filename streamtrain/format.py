@@ -21,20 +21,26 @@ Everything here imports pyarrow and numpy only (never torch).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streamtrain.errors import DataError
+from streamtrain.errors import DataError, UserError
 
 __all__ = [
     "FORMAT_NAME",
@@ -50,6 +56,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_with",
     "atomic_write_json",
+    "fsync_dir",
     "file_sha256",
     "read_index",
     "write_index",
@@ -63,6 +70,18 @@ __all__ = [
     "RunningStats",
     "sequences_to_table",
     "write_shard",
+    "npy_bytes",
+    "LOCK_FILE",
+    "STAGING_PREFIX",
+    "DatasetLock",
+    "new_token",
+    "staging_folder",
+    "install_shards",
+    "referenced_files",
+    "collect_leftovers",
+    "is_dataset_file",
+    "DiskFullError",
+    "naming_full_disk",
     "DatasetWriter",
 ]
 
@@ -120,15 +139,16 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every filesystem allows opening a folder, which is harmless.
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames and deletions in `folder` durable. Not every filesystem allows opening a folder,
+    which is harmless."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -485,10 +505,17 @@ class RunningStats:
 def sequences_to_table(
     values: np.ndarray, lengths: np.ndarray, paths: list[str], lines: np.ndarray, dim: int
 ) -> pa.Table:
-    """Build a shard table from concatenated vectors `values` (sum(lengths), dim) float32."""
+    """Build a shard table from concatenated vectors `values` (sum(lengths), dim) float32; ValueError when
+    the pieces do not describe the same rows."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, dim)
     lengths = np.asarray(lengths, dtype=np.int64)
-    assert values.shape[0] == int(lengths.sum()), "values and lengths disagree"
+    lines = np.asarray(lines, dtype=np.int64)
+    if values.shape[0] != int(lengths.sum()):
+        raise ValueError(f"values and lengths disagree: {values.shape[0]} vectors, lengths sum to {int(lengths.sum())}")
+    if len(paths) != len(lengths) or len(lines) != len(lengths):
+        raise ValueError(f"{len(lengths)} lengths but {len(paths)} paths and {len(lines)} lines")
+    if len(lengths) and lengths.min() < 0:
+        raise ValueError("a sequence length is negative")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), dim)
@@ -498,28 +525,189 @@ def sequences_to_table(
             sequence,
             pa.array(lengths.astype(np.int32), type=pa.int32()),
             pa.array(paths, type=pa.string()),
-            pa.array(np.asarray(lines, dtype=np.int64), type=pa.int64()),
+            pa.array(lines, type=pa.int64()),
         ],
         schema=shard_schema(dim),
     )
 
 
 def write_shard(path: str | os.PathLike, table: pa.Table) -> tuple[int, str]:
-    """Write `table` as an Arrow IPC file at `path` atomically (`atomic_write_with`); return (bytes, sha256)."""
+    """Write `table` as an Arrow IPC file at `path` atomically (`atomic_write_with`); return (bytes, sha256).
+    A full disk is a UserError naming `path` (`naming_full_disk`)."""
 
     def write(f: BinaryIO) -> None:
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
 
-    atomic_write_with(path, write)
+    with naming_full_disk(path):
+        atomic_write_with(path, write)
     return os.path.getsize(path), file_sha256(path)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file (the lengths file's format)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The commit protocol, shared by every writer of a dataset folder (`streamtrain convert`, DatasetWriter).
+#
+# An earlier complete dataset in DIR stays usable at every instant:
+#   1. take DIR/.convert.lock (`DatasetLock`): one writer at a time; delete what a crashed writer left
+#      (`collect_leftovers` with the current index);
+#   2. write every new shard into a staging folder DIR/.staging-<token>/ (`staging_folder`);
+#   3. move the new shards into DIR/shards/ under names that the current index does not name, so no file it
+#      names is ever overwritten, and fsync the folder (`install_shards`);
+#   4. write the side files (the lengths file under a name the current index does not name) atomically;
+#   5. write index.json atomically (`write_index`): the single commit point;
+#   6. delete what the new index no longer names, and the staging folder (`collect_leftovers`).
+# A crash before 5 leaves the old index.json and every file it names untouched (the new files are leftovers
+# that the next writer deletes); a crash after 5 leaves the new dataset complete.
+
+LOCK_FILE = ".convert.lock"
+STAGING_PREFIX = ".staging-"
+
+# Files of the format at the top of a dataset folder that are leftovers unless index.json names them:
+# lengths files and the temp files of atomic writes.
+_FORMAT_TOP_FILES = re.compile(r"^(lengths.*\.npy|\.(index\.json|rejects\.jsonl|lengths.*\.npy)\..*\.tmp)$")
+_FORMAT_FIXED_NAMES = re.compile(rf"^({SHARD_DIR}|index\.json|rejects\.jsonl|{re.escape(LOCK_FILE)}|{re.escape(STAGING_PREFIX)}.*)$")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DatasetLock:
+    """An exclusive lock on a dataset folder (flock on DIR/.convert.lock), held from `__enter__` to
+    `__exit__`; UserError when another process holds it. The kernel drops it when the holder dies."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "DatasetLock":
+        with naming_full_disk(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent}: another streamtrain process (convert, or a dataset writer) is writing this "
+                "folder; wait for it to finish"
+            ) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def new_token() -> str:
+    """A random token for the names of one writer's new files: no earlier writer used it."""
+    return secrets.token_hex(4)
+
+
+@contextlib.contextmanager
+def staging_folder(root: str | os.PathLike, token: str) -> Iterator[Path]:
+    """DIR/.staging-<token>/, created for the new shards of one write and deleted when the block ends (what
+    was moved out of it stays)."""
+    folder = Path(root) / f"{STAGING_PREFIX}{token}"
+    with naming_full_disk(folder):
+        folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def install_shards(root: str | os.PathLike, moves: Iterable[tuple[str | os.PathLike, str]]) -> None:
+    """Move staged shard files into the dataset (`moves`: (staged path, name relative to `root`)) and make
+    the renames durable. The names must be ones the current index does not name."""
+    root = Path(root)
+    with naming_full_disk(root / SHARD_DIR):
+        (root / SHARD_DIR).mkdir(exist_ok=True)
+    folders = set()
+    for staged, name in moves:
+        with naming_full_disk(root / name):
+            os.replace(staged, root / name)
+        folders.add((root / name).parent)
+    for folder in folders:
+        fsync_dir(folder)
+
+
+def referenced_files(index: Index | None) -> set[str]:
+    """Names (relative to the dataset folder) of the files that `index` needs: its shards and lengths file."""
+    if index is None:
+        return set()
+    return {s.file for s in index.shards} | {index.lengths_file}
+
+
+def is_dataset_file(name: str) -> bool:
+    """Whether `name`, at the top of a folder, is one of the names a dataset writer puts there."""
+    return bool(_FORMAT_FIXED_NAMES.match(name) or _FORMAT_TOP_FILES.match(name))
+
+
+def collect_leftovers(root: str | os.PathLike, index: Index | None, keep: Iterable[str] = (),
+                      own_files: re.Pattern | None = None) -> None:
+    """Delete what a crashed or superseded writer left in `root`: staging folders and, given the current
+    `index`, the shards, lengths files and temp files it does not name (nor `keep`), and the top-level files
+    matching `own_files` (a writer's own side files) that neither names. Without a readable index only
+    staging folders go: what else is a leftover is known once a new index is committed (an index.json this
+    version cannot read may still name every file there)."""
+    root = Path(root)
+    names = referenced_files(index) | set(keep)
+    for p in root.iterdir():
+        name = p.name
+        if name.startswith(STAGING_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif (index is not None and name not in names and p.is_file()
+              and (_FORMAT_TOP_FILES.match(name) or (own_files is not None and own_files.match(name)))):
+            p.unlink(missing_ok=True)
+    shard_dir = root / SHARD_DIR
+    if index is None or not shard_dir.is_dir():
+        return
+    for p in shard_dir.iterdir():
+        if p.is_file() and f"{SHARD_DIR}/{p.name}" not in names and p.name.endswith((".arrow", ".tmp")):
+            p.unlink(missing_ok=True)
+
+
+class DiskFullError(UserError):
+    """A file could not be written: the disk is full or the quota is exhausted. The message names the file."""
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk or an exhausted quota (ENOSPC, EDQUOT) while writing `path` into a DiskFullError
+    naming `path`: one line for the user instead of a traceback. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL_ERRNOS:
+            raise
+        raise DiskFullError(f"{path}: cannot write: the disk is full ({os.strerror(e.errno)})") from None
+
+
+def _current_index(root: Path) -> Index | None:
+    try:
+        return read_index(root) if is_dataset(root) else None
+    except DataError:
+        return None
+
+
 class DatasetWriter:
-    """Write sequences into a new dataset folder; index.json is written last, on a clean exit only.
+    """Write sequences into a dataset folder, new or holding a dataset to replace, by the commit protocol
+    above: the previous dataset stays usable until index.json is replaced, after a crash at any moment and
+    after an exception inside the `with` block (then nothing of the new one is kept).
 
     >>> with DatasetWriter("shards", dim=28) as w:
     ...     w.add(np.zeros((5, 28), np.float32), path="a.jsonl", line=1)
+
+    In a folder without a dataset the files get the plain names (`shards/shard-000000.arrow`,
+    `lengths.npy`); replacing a dataset, they carry a fresh token (`shards/shard-<token>-000000.arrow`,
+    `lengths-<token>.npy`), and the old files are deleted once the new index.json is in place.
     """
 
     def __init__(self, root: str | os.PathLike, dim: int, shard_bytes: int = 64 << 20, extra: dict | None = None):
@@ -532,20 +720,64 @@ class DatasetWriter:
         self.lengths: list[int] = []
         self._pending: list[tuple[np.ndarray, str, int]] = []
         self._pending_bytes = 0
+        self._lock: DatasetLock | None = None
+        self._staging: contextlib.ExitStack | None = None
+        self._staging_dir: Path | None = None
+        self._token = ""
+        self._plain_names = False
+        self._staged: list[tuple[Path, str]] = []  # (staged path, final name) of every shard written
+        self._closed = False
+        self._index: Index | None = None
 
     def __enter__(self) -> "DatasetWriter":
-        (self.root / INDEX_FILE).unlink(missing_ok=True)  # the folder stops being a dataset until we finish
-        (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self._begin()
         return self
+
+    @contextlib.contextmanager
+    def _keeping_previous(self) -> Iterator[None]:
+        try:
+            yield
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; nothing was written to {self.root}, its previous content is intact") from None
+
+    def _begin(self) -> None:
+        if self._lock is not None:
+            return
+        if self._closed:
+            raise ValueError("this DatasetWriter is closed")
+        with self._keeping_previous(), naming_full_disk(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        lock = DatasetLock(self.root)
+        with self._keeping_previous():
+            lock.__enter__()
+        try:
+            collect_leftovers(self.root, _current_index(self.root))
+            self._token = new_token()
+            # Plain names only where nothing can name them: no index.json, and no file of those names.
+            self._plain_names = not (self.root / INDEX_FILE).exists() and not (self.root / LENGTHS_FILE).exists() \
+                and not any((self.root / SHARD_DIR).glob("shard-[0-9]*.arrow"))
+            stack = contextlib.ExitStack()
+            with self._keeping_previous():
+                self._staging_dir = stack.enter_context(staging_folder(self.root, self._token))
+            self._staging = stack
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        self._lock = lock
 
     def add(self, sequence: np.ndarray, path: str = "", line: int = 0) -> None:
         seq = np.asarray(sequence, dtype=np.float32)
         if seq.ndim != 2 or seq.shape[1] != self.dim:
             raise ValueError(f"expected a (T, {self.dim}) array, got shape {seq.shape}")
+        self._begin()
         self._pending.append((seq, path, line))
         self._pending_bytes += seq.nbytes
         if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+            with self._keeping_previous():
+                self._flush()
+
+    def _shard_name(self, number: int) -> str:
+        return shard_name(number) if self._plain_names else f"{SHARD_DIR}/shard-{self._token}-{number:06d}.arrow"
 
     def _flush(self) -> None:
         if not self._pending:
@@ -555,8 +787,10 @@ class DatasetWriter:
         values = np.concatenate(seqs) if seqs else np.zeros((0, self.dim), np.float32)
         table = sequences_to_table(values, lengths, [p for _, p, _ in self._pending],
                                    np.array([ln for _, _, ln in self._pending]), self.dim)
-        name = shard_name(len(self.shards))
-        size, digest = write_shard(self.root / name, table)
+        name = self._shard_name(len(self.shards))
+        staged = self._staging_dir / Path(name).name
+        size, digest = write_shard(staged, table)
+        self._staged.append((staged, name))
         first_id = len(self.lengths)
         self.shards.append(ShardInfo(name, len(seqs), int(lengths.sum()), size, digest, first_id))
         self.lengths.extend(lengths.tolist())
@@ -565,10 +799,30 @@ class DatasetWriter:
         self._pending_bytes = 0
 
     def close(self) -> Index:
+        """Commit: move the shards in, write the lengths file, then index.json; return the new Index."""
+        self._begin()
+        written: list[Path] = []  # files of the new dataset outside the staging folder, until it is committed
+        try:
+            with self._keeping_previous():
+                self._commit(written)
+        finally:
+            for p in written:  # not committed: nothing names them
+                p.unlink(missing_ok=True)
+            self._end()
+        return self._index
+
+    def _commit(self, written: list[Path]) -> None:
+        """Steps 3 to 6 of the protocol; `written` lists the new files outside the staging folder until
+        index.json names them."""
         self._flush()
         lengths = np.asarray(self.lengths, dtype=np.int32)
-        buf = _npy_bytes(lengths)
-        atomic_write_bytes(self.root / LENGTHS_FILE, buf)
+        buf = npy_bytes(lengths)
+        written.extend(self.root / name for _, name in self._staged)
+        install_shards(self.root, self._staged)
+        lengths_file = LENGTHS_FILE if self._plain_names else f"lengths-{self._token}.npy"
+        written.append(self.root / lengths_file)
+        with naming_full_disk(self.root / lengths_file):
+            atomic_write_bytes(self.root / lengths_file, buf)
         index = Index(
             root=self.root,
             dim=self.dim,
@@ -577,20 +831,28 @@ class DatasetWriter:
             shards=self.shards,
             mean=self.stats.mean,
             std=self.stats.std,
+            lengths_file=lengths_file,
             lengths_sha256=hashlib.sha256(buf).hexdigest(),
             extra={"stats": self.stats.to_json(), **self.extra},
         )
-        write_index(index)
-        return index
+        with naming_full_disk(self.root / INDEX_FILE):
+            write_index(index)
+        written.clear()
+        self._index = index
+        collect_leftovers(self.root, index)
+
+    def _end(self) -> None:
+        self._closed = True
+        self._pending.clear()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self._end()  # the previous dataset, if any, is left as it was
+        elif not self._closed:
             self.close()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()

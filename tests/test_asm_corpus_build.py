@@ -58,10 +58,6 @@ def test_replaces_a_corpus_with_the_old_manifest_name(tmp_path):
 
 
 @needs_corpus
-@pytest.mark.xfail(
-    strict=True,
-    reason="until `streamtrain convert` skips hidden files when walking a folder; then drop this mark",
-)
 def test_whole_corpus_folder_converts_with_default_flags(tmp_path, capsys):
     from streamtrain.cli import main as streamtrain_main
 

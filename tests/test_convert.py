@@ -333,12 +333,13 @@ def test_many_small_json_files_in_one_block(tmp_path, backend):
     rng = np.random.default_rng(23)
     src = tmp_path / "fns"
     src.mkdir()
-    expected, bad = {}, None
+    expected, bad, blank = {}, None, None
     for i in range(301):
         path = src / f"fn-{i:04d}.json"
         vecs = [_vec_text(rng, 5) for _ in range(int(rng.integers(2, 12)))]
         if i == 150:
             path.write_text("  \n")
+            blank = path
             continue
         if i == 151:
             path.write_text('[[1, 2, 3, 4, 5], [1, 2, 3, "4", 5]]')
@@ -361,8 +362,12 @@ def test_many_small_json_files_in_one_block(tmp_path, backend):
         r = cv.convert([src], out, workers=workers, on_error="skip", shard_mb=0.05)
         _check_matches(out, expected)
         rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-        assert rejects == [{"path": str(bad), "line": 1, "reason": "vector 1 value 3 (0-based) is a string, expected a number"}]
-        assert r.num_records == len(expected) + 1
+        assert rejects == [
+            {"path": str(blank), "line": 1,
+             "reason": "file holds only white space (3 bytes): nothing to convert \u2014 a failed export?"},
+            {"path": str(bad), "line": 1, "reason": "vector 1 value 3 (0-based) is a string, expected a number"},
+        ]
+        assert r.num_records == len(expected) + 2
         # Only the blocks holding the odd files go file by file.
         assert 0 < r.num_records_slow < r.num_records // 4
         results[workers] = _shard_digests(out)
@@ -477,9 +482,9 @@ def test_lines_longer_than_a_read_chunk(tmp_path):
     jsonl.write_text("\n".join(big) + "\n")
     found, _ = cv.list_sources([tmp_path / "src"])
     by_name = {Path(src.path).name: src for src in found}
-    assert sources._is_lines_document(by_name["lines.json"])
-    assert not sources._is_lines_document(by_name["one.json"])
-    assert list(sources._iter_record_texts(by_name["x.jsonl"])) == [t.encode() for t in big]
+    assert sources.is_lines_document(by_name["lines.json"])
+    assert not sources.is_lines_document(by_name["one.json"])
+    assert list(sources.iter_record_texts(by_name["x.jsonl"])) == [(i + 1, t.encode()) for i, t in enumerate(big)]
     r = cv.convert([tmp_path / "src"], tmp_path / "out", workers=2, shard_mb=1)
     assert (r.num_sequences, r.num_rejected) == (7, 0)
 

@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import subprocess
@@ -115,8 +116,8 @@ def test_write_shard_is_atomic_and_returns_size_and_checksum(tmp_path, monkeypat
     assert (size, digest) == ((tmp_path / "s.arrow").stat().st_size, F.file_sha256(tmp_path / "s.arrow"))
     assert F.open_shard(tmp_path / "s.arrow").equals(table)
     synced = []
-    real_fsync_dir = F._fsync_dir
-    monkeypatch.setattr(F, "_fsync_dir", lambda folder: (synced.append(folder), real_fsync_dir(folder)))
+    real_fsync_dir = F.fsync_dir
+    monkeypatch.setattr(F, "fsync_dir", lambda folder: (synced.append(folder), real_fsync_dir(folder)))
     F.write_shard(tmp_path / "t.arrow", table)
     assert synced == [tmp_path]  # the rename is made durable
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
@@ -134,7 +135,7 @@ def test_verify_names_corrupt_and_truncated_shards(tmp_path):
     data[len(data) // 2] ^= 0xFF
     first.write_bytes(bytes(data))
     second.write_bytes(second.read_bytes()[:-100])
-    problems = F.verify_dataset(index)
+    problems = F.verify_dataset(F.read_index(tmp_path))
     assert any(str(first) in p and "checksum" in p for p in problems)
     assert any(str(second) in p and "bytes" in p for p in problems)
     with pytest.raises(DataError, match="truncated"):
@@ -143,9 +144,9 @@ def test_verify_names_corrupt_and_truncated_shards(tmp_path):
 
 def test_lengths_file_checked(tmp_path):
     index = write_dataset(tmp_path, [np.zeros((3, 2), np.float32)] * 5)
-    np.save(tmp_path / F.LENGTHS_FILE, np.array([3, 3], np.int32))
+    np.save(tmp_path / index.lengths_file, np.array([3, 3], np.int32))
     with pytest.raises(DataError, match="holds 2 lengths"):
-        F.load_lengths(index)
+        F.load_lengths(F.read_index(tmp_path))
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -168,6 +169,130 @@ def test_writer_failure_leaves_no_index(tmp_path):
             w.add(np.zeros((3, 2), np.float32))
             raise RuntimeError("crash")
     assert not F.is_dataset(tmp_path)
+
+
+def _sequences_of(root) -> list[bytes]:
+    index = F.read_index(root)
+    return [np.asarray(row, np.float32).tobytes() for s in index.shards
+            for row in F.open_shard(root / s.file).column("sequence").to_pylist()]
+
+
+def _only_named_files(root) -> None:
+    """The folder holds index.json, the lock and exactly the files the index names: no leftovers."""
+    index = F.read_index(root)
+    found = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert found == {s.file for s in index.shards} | {index.lengths_file, "index.json", ".convert.lock"}
+
+
+def test_writer_rewrite_leaves_no_stale_shards_and_never_reuses_a_current_name(tmp_path):
+    rng = np.random.default_rng(5)
+    first = write_dataset(tmp_path, _heavy_tailed(rng, 60), shard_bytes=2048)
+    assert len(first.shards) > 4 and first.lengths_file == F.LENGTHS_FILE  # a new folder: the plain names
+    second_seqs = _heavy_tailed(rng, 7)
+    second = write_dataset(tmp_path, second_seqs, shard_bytes=1 << 20)
+    assert len(second.shards) == 1
+    assert not ({s.file for s in first.shards} | {first.lengths_file}) & ({s.file for s in second.shards} | {second.lengths_file})
+    assert F.verify_dataset(second) == []
+    assert _sequences_of(tmp_path) == [s.tobytes() for s in second_seqs]
+    _only_named_files(tmp_path)
+    third = write_dataset(tmp_path, second_seqs, shard_bytes=1 << 20)
+    assert not {s.file for s in second.shards} & {s.file for s in third.shards}
+    assert second.lengths_file != third.lengths_file
+    _only_named_files(tmp_path)
+
+
+def test_writer_exception_keeps_the_previous_dataset(tmp_path):
+    rng = np.random.default_rng(6)
+    old = write_dataset(tmp_path, _heavy_tailed(rng, 30), shard_bytes=2048)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="crash"):
+        with F.DatasetWriter(tmp_path, dim=5, shard_bytes=512) as w:
+            for seq in _heavy_tailed(rng, 30):
+                w.add(seq)
+            raise RuntimeError("crash")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert F.verify_dataset(F.read_index(tmp_path)) == [] and F.read_index(tmp_path).shards == old.shards
+
+
+_WRITER_CRASH = r"""
+import os, sys
+from pathlib import Path
+import numpy as np
+from streamtrain import format as F
+
+root, point = Path(sys.argv[1]), sys.argv[2]
+calls = []
+
+def exit_on(name, n, before=False):
+    real = getattr(F, name)
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        if before and calls.count(name) == n:
+            os._exit(86)
+        result = real(*args, **kwargs)
+        if calls.count(name) == n:
+            os._exit(86)
+        return result
+    setattr(F, name, wrapper)
+
+def install_one(root, moves):
+    staged, name = list(moves)[0]
+    os.replace(staged, Path(root) / name)
+    os._exit(86)
+
+if point == "staged":
+    exit_on("write_shard", 2)
+elif point == "installing":
+    F.install_shards = install_one
+elif point == "lengths":
+    exit_on("atomic_write_bytes", 1)
+elif point == "index":
+    exit_on("write_index", 1, before=True)
+elif point == "leftovers":
+    exit_on("collect_leftovers", 2, before=True)
+rng = np.random.default_rng(int(sys.argv[3]))
+with F.DatasetWriter(root, dim=3, shard_bytes=600) as w:
+    for _ in range(40):
+        w.add(rng.standard_normal((int(rng.integers(2, 20)), 3)).astype(np.float32))
+"""
+
+
+@pytest.mark.parametrize("point", ["staged", "installing", "lengths", "index", "leftovers"])
+def test_writer_killed_at_any_step_leaves_a_complete_dataset(tmp_path, point):
+    root = tmp_path / "ds"
+    run = lambda seed, point: subprocess.run([sys.executable, "-c", _WRITER_CRASH, str(root), point, str(seed)],
+                                             capture_output=True, text=True, timeout=120)
+    assert run(1, "none").returncode == 0
+    old = _sequences_of(root)
+    p = run(2, point)
+    assert p.returncode == 86, p.stderr
+    assert F.verify_dataset(F.read_index(root)) == []
+    after_crash = _sequences_of(root)
+    # A later writer deletes what the killed one left and commits as usual.
+    assert run(2, "none").returncode == 0
+    new = _sequences_of(root)
+    assert old != new
+    # Up to index.json the previous dataset is the dataset; once it is written, the new one is complete.
+    assert after_crash == (new if point == "leftovers" else old)
+    _only_named_files(root)
+
+
+def test_writer_and_convert_take_the_same_lock(tmp_path):
+    from streamtrain.convert import convert
+    from streamtrain.errors import UserError
+
+    (tmp_path / "a.jsonl").write_text("[[1, 2], [3, 4]]\n")
+    with F.DatasetWriter(tmp_path / "ds", dim=2) as w:
+        w.add(np.zeros((3, 2), np.float32))
+        with pytest.raises(UserError, match="another streamtrain process"):
+            convert([tmp_path / "a.jsonl"], tmp_path / "ds", workers=1)
+        with pytest.raises(UserError, match="another streamtrain process"):
+            F.DatasetWriter(tmp_path / "ds", dim=2).__enter__()
+    with open(tmp_path / "ds" / ".convert.lock", "a") as held:  # as a running convert holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another streamtrain process"):
+            write_dataset(tmp_path / "ds", [np.ones((2, 2), np.float32)])
+    assert convert([tmp_path / "a.jsonl"], tmp_path / "ds", workers=1).num_sequences == 1
 
 
 def test_format_never_imports_torch():

@@ -12,8 +12,10 @@ Modules, in the order data flows through them (each imports only those above it)
   plan      groups (one shard each, the unit of reuse), partials, and the reuse manifest of a previous run
   tasks     one task in a worker process: convert segments, statistics per partial, write a shard or piece
   report    ConvertProgress (events while running) and ConvertResult
-  workers   the process pool, merging pieces, per-group results
-  commit    the dataset folder: lock, leftovers, and the crash-safe commit protocol (index.json last)
+  pool      the worker processes: forked up front, one task each at a time, a death seen at once
+  workers   running the tasks (inline or on the pool), merging pieces, per-group results
+  commit    the dataset folder: leftovers and the crash-safe commit (the protocol and its lock are
+            format's, shared with DatasetWriter; index.json last)
   pipeline  convert(): arguments, then sources → plan → workers → commit
 """
 

@@ -22,30 +22,35 @@ import numpy as np
 import orjson
 
 from streamtrain.convert.records import (
-    _BOM,
-    _NEGATIVE_ZERO_INT,
+    BOM,
+    NEGATIVE_ZERO_INT,
     F32_OVERFLOW,
     RecordError,
-    _decode_json,
-    _is_json,
-    _looks_like_json_lines,
-    _split_lines,
+    blank_file_reason,
+    decode_json,
+    is_blank,
+    is_json,
+    looks_like_json_lines,
+    split_lines,
     parse_record,
 )
 from streamtrain.errors import UserError
 
-__all__ = ["parser_backend"]
+__all__ = [
+    "parser_backend", "BLOCK_BYTES", "Backend", "BlockOut", "convert_fast", "document_records", "records_into",
+    "reject_blank_file",
+]
 
 # Everything a JSON number or JSON white space can contain; deleting it leaves the structural skeleton.
 _NUMBER_AND_SPACE = b"0123456789+-.eE \t\r\n"
-_BLOCK_BYTES = 1 << 20  # records parsed per call; big enough to amortise calls, small enough for the cache
+BLOCK_BYTES = 1 << 20  # records parsed per call; big enough to amortise calls, small enough for the cache
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Parser backends
 
 
-class _Backend:
+class Backend:
     """Parses a JSON array of records into one flat float64 array of all its numbers (or None on any error)."""
 
     name = "orjson"
@@ -59,7 +64,7 @@ class _Backend:
             return None
 
 
-class _SimdjsonBackend(_Backend):
+class _SimdjsonBackend(Backend):
     name = "simdjson"
 
     def __init__(self, simdjson_module) -> None:
@@ -81,16 +86,16 @@ class _SimdjsonBackend(_Backend):
         return None if buf is None else np.frombuffer(buf, dtype=np.float64)
 
 
-_BACKENDS: dict[tuple[int, str], _Backend] = {}
+_BACKENDS: dict[tuple[int, str], Backend] = {}
 
 
-def parser_backend(name: str | None = None) -> _Backend:
+def parser_backend(name: str | None = None) -> Backend:
     """The block parser for this process: "simdjson" (pysimdjson, fastest) when installed, else "orjson".
     STREAMTRAIN_JSON_BACKEND=orjson forces the fallback (tests compare both)."""
     name = name or os.environ.get("STREAMTRAIN_JSON_BACKEND") or "auto"
     key = (os.getpid(), name)
     if key not in _BACKENDS:
-        backend: _Backend = _Backend()
+        backend: Backend = Backend()
         if name in ("auto", "simdjson"):
             try:
                 import simdjson  # type: ignore[import-not-found]
@@ -118,7 +123,7 @@ def _vector_run(num_vectors: int, dim: int) -> bytes:
     run = _VECTOR_RUNS.get(dim, b"")
     if len(run) < num_vectors * (dim + 2):
         run = (b"[" + b"," * (dim - 1) + b"],") * max(num_vectors, 2 * len(run) // (dim + 2), 1024)
-        if len(run) <= _BLOCK_BYTES:  # kept for the next records unless one record was huge
+        if len(run) <= BLOCK_BYTES:  # kept for the next records unless one record was huge
             _VECTOR_RUNS[dim] = run
     return run
 
@@ -169,7 +174,7 @@ def _array_texts(texts: Sequence[bytes]) -> list[bytes] | None:
                 arrays[i] = text[head.end():end - 1]
                 continue
         try:
-            value = _decode_json(text)
+            value = decode_json(text)
         except RecordError:
             return None
         if not isinstance(value, dict) or "sequence" not in value:
@@ -182,7 +187,7 @@ def _array_texts(texts: Sequence[bytes]) -> list[bytes] | None:
 
 
 @dataclass
-class _BlockOut:
+class BlockOut:
     values: list = field(default_factory=list)  # float32 (n, dim) arrays
     lengths: list = field(default_factory=list)  # int64 arrays
     lines: list = field(default_factory=list)  # int64 arrays
@@ -191,7 +196,7 @@ class _BlockOut:
     num_fast: int = 0  # records that took the fast path
 
 
-def _convert_slow(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _BlockOut, on_error: str) -> bool:
+def _convert_slow(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: BlockOut, on_error: str) -> bool:
     """Record by record, with reasons. Returns False when on_error == "fail" and a record was rejected."""
     for text, line in zip(texts, lines):
         out.num_records += 1
@@ -208,7 +213,7 @@ def _convert_slow(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
     return True
 
 
-def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _BlockOut, backend: _Backend) -> bool:
+def convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: BlockOut, backend: Backend) -> bool:
     """All of `texts` through the fast path into `out`; False (and `out` untouched) when any record needs the
     precise path: a parse error, a non-number, a wrong shape, a value beyond float32, or fewer than 2 vectors."""
     n = len(texts)
@@ -222,7 +227,7 @@ def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
     del arrays
     if b"-0" in joined:
         # An integer "-0" is -0.0 (float("-0")), but JSON parsers read it as the integer 0.
-        joined = _NEGATIVE_ZERO_INT.sub(b"-0.0", joined)
+        joined = NEGATIVE_ZERO_INT.sub(b"-0.0", joined)
     values = backend.values(joined)
     if values is None or len(values) != int(counts.sum()) * dim:
         return False
@@ -238,10 +243,10 @@ def _convert_fast(texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _
 
 
 def _convert_block(
-    texts: Sequence[bytes], lines: Sequence[int], dim: int, out: _BlockOut, on_error: str, backend: _Backend
+    texts: Sequence[bytes], lines: Sequence[int], dim: int, out: BlockOut, on_error: str, backend: Backend
 ) -> bool:
     """Convert records `texts` (their 1-based `lines`) into `out`; False when on_error == "fail" hit a reject."""
-    if not texts or _convert_fast(texts, lines, dim, out, backend):
+    if not texts or convert_fast(texts, lines, dim, out, backend):
         return True
     return _convert_slow(texts, lines, dim, out, on_error)
 
@@ -250,27 +255,35 @@ def _convert_block(
 # Files of records
 
 
-def _document_records(data: bytes, dim: int, out: _BlockOut, on_error: str, backend: _Backend) -> bool:
-    """A .json file: one record (line 1), or JSON Lines when the whole text is not one JSON value."""
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    if not data.strip():
+def document_records(data: bytes, dim: int, out: BlockOut, on_error: str, backend: Backend) -> bool:
+    """A .json file (all of its bytes): one record (line 1), or JSON Lines when the whole text is not one JSON
+    value; a file of nothing but white space is one reject at line 1."""
+    if is_blank(data):
+        return reject_blank_file(len(data), data.startswith(BOM), out, on_error)
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    if convert_fast([data], [1], dim, out, backend):
         return True
-    if _convert_fast([data], [1], dim, out, backend):
-        return True
-    if _is_json(data) or not _looks_like_json_lines(data):
+    if is_json(data) or not looks_like_json_lines(data):
         return _convert_slow([data], [1], dim, out, on_error)
     # JSON Lines: every line is its own record with its own reason and line number.
-    texts, lines, _ = _split_lines(data, 1)
-    return _records_into(texts, lines, dim, out, on_error, backend)
+    texts, lines, _ = split_lines(data, 1)
+    return records_into(texts, lines, dim, out, on_error, backend)
 
 
-def _records_into(texts: list, lines: list, dim: int, out: _BlockOut, on_error: str, backend: _Backend) -> bool:
-    """Records in blocks of about _BLOCK_BYTES; False when on_error == "fail" hit a reject."""
+def reject_blank_file(size: int, bom: bool, out: BlockOut, on_error: str) -> bool:
+    """Record a whole file that holds no record as one reject at line 1; False when on_error == "fail"."""
+    out.num_records += 1
+    out.rejects.append((1, blank_file_reason(size, bom)))
+    return on_error != "fail"
+
+
+def records_into(texts: list, lines: list, dim: int, out: BlockOut, on_error: str, backend: Backend) -> bool:
+    """Records in blocks of about BLOCK_BYTES; False when on_error == "fail" hit a reject."""
     start, size = 0, 0
     for i, text in enumerate(texts):
         size += len(text)
-        if size >= _BLOCK_BYTES:
+        if size >= BLOCK_BYTES:
             if not _convert_block(texts[start:i + 1], lines[start:i + 1], dim, out, on_error, backend):
                 return False
             start, size = i + 1, 0

@@ -1,28 +1,31 @@
-"""The dataset folder and the crash-safe commit of a convert run: lock, leftovers of earlier runs, moving new
-shards in, the lengths file, the reuse manifest, rejects.jsonl, and index.json written last.
+"""The dataset folder and the crash-safe commit of a convert run: the output folder check, leftovers of
+earlier runs, moving new shards in, the lengths file, the reuse manifest, rejects.jsonl, and index.json
+written last.
 
-Commit protocol (an earlier complete dataset in DIR stays usable at every instant):
-  1. take `DIR/.convert.lock` (flock): one writer at a time; delete leftovers of a crashed run
+Commit protocol: the one every dataset writer follows (`format`, "The commit protocol"), with the reuse
+manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step 4:
+  1. take `DIR/.convert.lock`: one writer at a time; delete leftovers of a crashed run
      (`DIR/.staging-*`, files that the current index.json does not name);
   2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
   3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
      the current index names is ever overwritten; fsync the folder;
-  4. write `lengths-<token>.npy`, the reuse manifest `sources-<token>.json` and `rejects.jsonl` atomically;
-  5. write `index.json` atomically (temp + fsync + rename): the single commit point;
+  4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
+     `rejects.jsonl` into the staging folder;
+  5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
+     `rejects.jsonl` in (or delete the old one when nothing was rejected);
   6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
 A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
 next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
-content: between 4 and 5 it may already describe the new run. On a validation failure (`--on-error fail`)
-the staging folder is deleted and DIR is left as it was.
+content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
+failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
+it was.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -35,25 +38,21 @@ from streamtrain.convert.plan import MANIFEST_FORMAT, MANIFEST_VERSION
 from streamtrain.convert.report import ConvertResult
 from streamtrain.errors import DataError, UserError
 
-__all__ = ["LOCK_FILE", "STAGING_PREFIX"]
+__all__ = ["LOCK_FILE", "STAGING_PREFIX", "check_out_dir", "collect_garbage", "commit"]
 
-LOCK_FILE = ".convert.lock"
-STAGING_PREFIX = ".staging-"
+LOCK_FILE = fmt.LOCK_FILE
+STAGING_PREFIX = fmt.STAGING_PREFIX
 
-
-# Files of ours at the top of a dataset folder that are garbage unless index.json names them.
-_OUR_TOP_FILES = re.compile(
-    r"^(lengths.*\.npy|sources-.*\.json|\.(index\.json|rejects\.jsonl|lengths.*\.npy|sources-.*\.json)\..*\.tmp)$"
-)
-_OUR_FIXED_NAMES = re.compile(r"^(shards|index\.json|rejects\.jsonl|\.convert\.lock|\.staging-.*)$")
+# convert's own side files at the top of a dataset folder: garbage unless index.json names them.
+_MANIFEST_FILES = re.compile(r"^(sources-.*\.json|\.sources-.*\.json\..*\.tmp)$")
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if not out.exists() or fmt.is_dataset(out) or force:
         return
-    strangers = [p.name for p in out.iterdir() if not (_OUR_TOP_FILES.match(p.name) or _OUR_FIXED_NAMES.match(p.name))]
+    strangers = [p.name for p in out.iterdir() if not (fmt.is_dataset_file(p.name) or _MANIFEST_FILES.match(p.name))]
     if strangers:
         raise UserError(
             f"{out}: folder is not empty and is not a streamtrain dataset (it holds {strangers[0]!r}); "
@@ -61,56 +60,18 @@ def _check_out_dir(out: Path, force: bool) -> None:
         )
 
 
-class _Lock:
-    def __init__(self, out: Path) -> None:
-        self.path = out / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> "_Lock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise UserError(f"{self.path.parent}: another `streamtrain convert` is writing this folder") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-
-
-def _referenced(out: Path, index: fmt.Index | None) -> set[str]:
+def _manifest_of(index: fmt.Index | None) -> str | None:
     if index is None:
-        return set()
-    names = {s.file for s in index.shards} | {index.lengths_file}
-    manifest = (index.extra.get("convert") or {}).get("manifest")
-    if manifest:
-        names.add(manifest)
-    return names
+        return None
+    info = index.extra.get("convert")
+    name = info.get("manifest") if isinstance(info, dict) else None
+    return name if isinstance(name, str) else None
 
 
-def _collect_garbage(out: Path, index: fmt.Index | None) -> None:
-    """Delete what a crashed or superseded run left: staging folders and our files the index does not name.
-    Without a readable index only staging folders go: what else is garbage is known once a new index is
-    committed (an index.json this version cannot read may still name every file there)."""
-    keep = _referenced(out, index)
-    for p in out.iterdir():
-        name = p.name
-        if name.startswith(STAGING_PREFIX) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif index is not None and p.is_file() and name not in keep and _OUR_TOP_FILES.match(name):
-            p.unlink(missing_ok=True)
-    if index is None:
-        return
-    shard_dir = out / fmt.SHARD_DIR
-    if shard_dir.is_dir():
-        for p in shard_dir.iterdir():
-            rel = f"{fmt.SHARD_DIR}/{p.name}"
-            if p.is_file() and rel not in keep and (p.name.endswith(".arrow") or p.name.endswith(".tmp")):
-                p.unlink(missing_ok=True)
+def collect_garbage(out: Path, index: fmt.Index | None) -> None:
+    """Delete what a crashed or superseded run left (`format.collect_leftovers`), reuse manifests included."""
+    manifest = _manifest_of(index)
+    fmt.collect_leftovers(out, index, keep=[manifest] if manifest else [], own_files=_MANIFEST_FILES)
 
 
 def _crash_point(name: str) -> None:
@@ -119,16 +80,19 @@ def _crash_point(name: str) -> None:
         os._exit(86)
 
 
-def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
+def _write(path: Path, data: bytes) -> None:
+    with fmt.naming_full_disk(path):
+        fmt.atomic_write_bytes(path, data)
+
+
+def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
             num_ignored, src_list, staging, token, t0, workers, progress) -> ConvertResult:
     build_set = set(build)
     shards: list[fmt.ShardInfo] = []
     lengths_parts, rejects, manifest_groups = [], [], []
     stats = fmt.RunningStats(dim)
     num_records = 0
-    shard_dir = out / fmt.SHARD_DIR
-    shard_dir.mkdir(exist_ok=True)
-    moves = []
+    moves = []  # (staged shard, its name in the dataset)
     first_id = 0
     for gi, g in enumerate(groups):
         if gi in build_set:
@@ -138,7 +102,7 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
             if b.shard_path is not None:
                 shard_file = f"{fmt.SHARD_DIR}/{Path(b.shard_path).name}"
                 sha = b.sha256
-                moves.append((b.shard_path, out / shard_file))
+                moves.append((b.shard_path, shard_file))
                 shards.append(fmt.ShardInfo(shard_file, len(glengths), int(glengths.sum(dtype=np.int64)),
                                             b.shard_bytes, sha, first_id))
         else:
@@ -171,12 +135,8 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
         raise DataError(f"no valid records: {num_records} seen, {len(rejects)} rejected{first}")
 
     progress.stage("committing")
-    for src_path, dst in moves:
-        os.replace(src_path, dst)
-    fmt._fsync_dir(shard_dir)
-    lengths_buf = fmt._npy_bytes(lengths)
+    lengths_buf = fmt.npy_bytes(lengths)
     lengths_file = f"lengths-{token}.npy"
-    fmt.atomic_write_bytes(out / lengths_file, lengths_buf)
     manifest_file = f"sources-{token}.json"
     dim_prefix = None
     if dim_source is not None:
@@ -190,12 +150,7 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
         "dim_prefix": dim_prefix,
         "groups": manifest_groups,
     }
-    fmt.atomic_write_bytes(out / manifest_file, orjson.dumps(manifest))
     rejects_path = out / fmt.REJECTS_FILE
-    if rejects:
-        fmt.atomic_write_bytes(
-            rejects_path, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n" for p, ln, r in rejects)
-        )
     num_tokens = int(lengths.sum(dtype=np.int64))
     input_bytes = sum(s.size for s in src_list)
     parsed = sum(groups[i].nominal_bytes for i in build)
@@ -225,12 +180,31 @@ def _commit(out, groups, build, built, old_groups, prev_index, settings, dim, di
             },
         },
     )
-    _crash_point("before-index")
-    fmt.write_index(index)
+    # Until index.json is replaced, every new file outside the staging folder is garbage if this fails.
+    written = [out / name for _, name in moves] + [out / lengths_file, out / manifest_file]
+    try:
+        fmt.install_shards(out, moves)
+        _write(out / lengths_file, lengths_buf)
+        _write(out / manifest_file, orjson.dumps(manifest))
+        # rejects.jsonl is written now (the disk may be full) and moved in once index.json is.
+        staged_rejects = Path(staging) / fmt.REJECTS_FILE
+        if rejects:
+            _write(staged_rejects, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n"
+                                            for p, ln, r in rejects))
+        _crash_point("before-index")
+        with fmt.naming_full_disk(out / fmt.INDEX_FILE):
+            fmt.write_index(index)
+        written = []
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
     _crash_point("after-index")
-    if not rejects:
+    if rejects:
+        os.replace(staged_rejects, rejects_path)
+    else:
         rejects_path.unlink(missing_ok=True)
-    _collect_garbage(out, index)
+    fmt.fsync_dir(out)
+    collect_garbage(out, index)
     progress.finish()
     return ConvertResult(
         out=out,

@@ -6,33 +6,26 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 import orjson
 
-from streamtrain.convert.commit import (
-    STAGING_PREFIX,
-    _check_out_dir,
-    _collect_garbage,
-    _commit,
-    _Lock,
-)
+from streamtrain import format as fmt
+from streamtrain.convert.commit import check_out_dir, collect_garbage, commit
 from streamtrain.convert.plan import (
-    _MIN_PARTIAL_BYTES,
-    _load_previous,
-    _plan_groups,
-    _resolve_dim,
-    _resolve_groups,
-    _reusable_groups,
-    _source_kinds,
+    MIN_PARTIAL_BYTES,
+    load_previous,
+    plan_groups,
+    resolve_dim,
+    resolve_groups,
+    reusable_groups,
+    source_kinds,
 )
 from streamtrain.convert.report import ConvertProgress, ConvertResult
 from streamtrain.convert.sources import list_sources
-from streamtrain.convert.workers import _execute, default_workers
+from streamtrain.convert.workers import default_workers, execute
 from streamtrain.errors import UserError
 
 __all__ = ["ON_ERROR_CHOICES", "convert"]
@@ -66,7 +59,7 @@ def convert(
     if not sources:
         raise UserError("no input given (pass one or more SRC files or folders)")
     out = Path(out)
-    _check_out_dir(out, force)
+    check_out_dir(out, force)
     src_list, num_ignored = list_sources(sources, exclude=out)
     if not src_list:
         raise UserError(
@@ -74,33 +67,40 @@ def convert(
             + (f" ({num_ignored} other files ignored)" if num_ignored else "")
         )
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
-    partial_bytes = max(_MIN_PARTIAL_BYTES, shard_bytes // 16)
-    out.mkdir(parents=True, exist_ok=True)
-    with _Lock(out):
-        prev_index, manifest = _load_previous(out, force)
+    partial_bytes = max(MIN_PARTIAL_BYTES, shard_bytes // 16)
+    try:
+        return _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes,
+                               force, progress, t0)
+    except fmt.DiskFullError as e:
+        # Every write before index.json is staged or under a fresh name, and nothing is written after it.
+        raise fmt.DiskFullError(f"{e}; nothing was committed, {out} is as it was") from None
+
+
+def _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes, force,
+                    progress, t0) -> ConvertResult:
+    with fmt.naming_full_disk(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with fmt.DatasetLock(out):
+        prev_index, manifest = load_previous(out, force)
         if force:
             manifest = None
-        _collect_garbage(out, prev_index)
-        dim, dim_source = _resolve_dim(src_list, dim, manifest)
+        collect_garbage(out, prev_index)
+        dim, dim_source = resolve_dim(src_list, dim, manifest)
         settings = {"dim": dim, "on_error": on_error, "shard_bytes": shard_bytes, "partial_bytes": partial_bytes}
         settings_key = orjson.dumps(settings).decode()
-        groups = _plan_groups(src_list, shard_bytes, settings_key)
+        groups = plan_groups(src_list, shard_bytes, settings_key)
         old_groups = {}
         if manifest is not None and manifest.get("settings") == settings and prev_index is not None:
-            old_groups = _reusable_groups(out, prev_index, manifest)
+            old_groups = reusable_groups(out, prev_index, manifest)
         build = [i for i, g in enumerate(groups) if g.key not in old_groups]
         todo = [groups[i] for i in build]
-        _resolve_groups(todo, partial_bytes, _source_kinds(todo, partial_bytes))
+        resolve_groups(todo, partial_bytes, source_kinds(todo, partial_bytes))
 
-        token = secrets.token_hex(4)
-        staging = out / f"{STAGING_PREFIX}{token}"
-        staging.mkdir()
-        try:
-            built = _execute(groups, build, dim, on_error, workers, staging, token, progress,
-                             sum(g.nominal_bytes for g in groups), len(src_list))
-            return _commit(
+        token = fmt.new_token()
+        with fmt.staging_folder(out, token) as staging:
+            built = execute(groups, build, dim, on_error, workers, staging, token, progress,
+                            sum(g.nominal_bytes for g in groups), len(src_list))
+            return commit(
                 out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
                 num_ignored, src_list, staging, token, t0, workers, progress,
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)

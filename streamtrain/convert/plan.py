@@ -30,15 +30,18 @@ import numpy as np
 import orjson
 
 from streamtrain import format as fmt
-from streamtrain.convert.sources import _detect_dim, _is_lines_document, _Source
+from streamtrain.convert.sources import Source, detect_dim, is_lines_document, reading_input
 from streamtrain.errors import DataError, UserError
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION"]
+__all__ = [
+    "MANIFEST_FORMAT", "MANIFEST_VERSION", "Segment", "MIN_PARTIAL_BYTES", "load_previous", "plan_groups",
+    "resolve_dim", "resolve_groups", "reusable_groups", "source_kinds", "split_partials",
+]
 
 MANIFEST_FORMAT = "streamtrain-convert-manifest"
 MANIFEST_VERSION = 1
 
-_MIN_PARTIAL_BYTES = 256 << 10
+MIN_PARTIAL_BYTES = 256 << 10
 _CDC_MASK = 7  # a file whose path hash has these bits clear may end a group early (content-defined cut)
 _READ_BYTES = 8 << 20
 
@@ -63,7 +66,7 @@ def _cdc_cut(path: str) -> bool:
     return (zlib.crc32(path.encode()) & _CDC_MASK) == 0
 
 
-def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) -> list[_Group]:
+def plan_groups(sources: list[Source], shard_bytes: int, settings_key: str) -> list[_Group]:
     groups: list[_Group] = []
     current: list = []
     current_bytes = 0
@@ -75,7 +78,7 @@ def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) ->
         current, current_bytes = [], 0
 
     for src in sources:
-        splittable = src.kind == "lines" or (src.size > shard_bytes and _is_lines_document(src))
+        splittable = src.kind == "lines" or (src.size > shard_bytes and is_lines_document(src))
         if src.size > shard_bytes and splittable:
             close()
             for k in range(math.ceil(src.size / shard_bytes)):
@@ -92,15 +95,15 @@ def _plan_groups(sources: list[_Source], shard_bytes: int, settings_key: str) ->
     return groups
 
 
-def _source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
+def source_kinds(groups: list[_Group], partial_bytes: int) -> dict[str, str]:
     """How each input file of `groups` is read: "lines" (split at line boundaries) or "document" (whole)."""
     kinds: dict[str, str] = {}
     for g in groups:
         for src, s, e in g.nominal:
             if src.path not in kinds:
-                # A file split over several groups was found to be JSON Lines by `_plan_groups`.
+                # A file split over several groups was found to be JSON Lines by `plan_groups`.
                 split = (s, e) != (0, src.size)
-                big_json = src.kind == "document" and src.size > partial_bytes and _is_lines_document(src)
+                big_json = src.kind == "document" and src.size > partial_bytes and is_lines_document(src)
                 kinds[src.path] = "lines" if src.kind == "lines" or split or big_json else "document"
     return kinds
 
@@ -110,7 +113,7 @@ def _resolve_cuts(path: str, size: int, offsets: Iterable[int]) -> dict[int, tup
     (offsets at or past the end map to (size, 0): no line number is needed there). One sequential read of
     the file up to the last offset before its end."""
     result: dict[int, tuple[int, int]] = {}
-    with open(path, "rb") as f:
+    with reading_input(path), open(path, "rb") as f:
         pos, line = 0, 1  # pos is a line start; line is its number
         for off in sorted(set(offsets)):
             if off <= 0:
@@ -140,9 +143,9 @@ def _resolve_cuts(path: str, size: int, offsets: Iterable[int]) -> dict[int, tup
     return result
 
 
-def _resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, str]) -> None:
+def resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, str]) -> None:
     """Fill each group's line-aligned segments and its partial cuts (nominal offsets, resolved by whoever
-    reads the text: the task itself, or `_split_partials` when partials run as separate tasks)."""
+    reads the text: the task itself, or `split_partials` when partials run as separate tasks)."""
     starts: dict[str, set] = {}
     for g in groups:
         for src, s, e in g.nominal:
@@ -170,7 +173,7 @@ def _resolve_groups(groups: list[_Group], partial_bytes: int, kinds: dict[str, s
         g.cuts = [c for c in g.cuts if c[0] < len(g.segments)]
 
 
-def _split_partials(g: _Group) -> list[list]:
+def split_partials(g: _Group) -> list[list]:
     """The group's partials as segment lists (reads the files to find line boundaries and numbers)."""
     offsets: dict[str, list] = {}
     for i, off in g.cuts:
@@ -202,7 +205,7 @@ def _split_partials(g: _Group) -> list[list]:
 # Reuse: the previous run's state
 
 
-def _load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
+def load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
     """The previous run's index and reuse manifest (None where absent or unusable). An index.json that
     cannot be read is an error unless `force`: rebuilding would replace a dataset that may be intact."""
     if not fmt.is_dataset(out):
@@ -223,51 +226,97 @@ def _load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, di
         manifest = orjson.loads((out / name).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return index, None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+    # A manifest is a cache: one that is damaged or disagrees with the index is not used (a full rebuild).
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("version") != MANIFEST_VERSION or not isinstance(manifest.get("groups"), list)
+            or not isinstance(manifest.get("settings"), dict) or not _is_count(manifest["settings"].get("dim"), 1)
+            or manifest["settings"]["dim"] != index.dim):
         return index, None
     return index, manifest
 
 
-def _reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
-    """Groups of the previous run whose shard is still what the index says (same file, size, checksum)."""
+def _is_count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_vector(value, dim: int) -> bool:
+    return (isinstance(value, list) and len(value) == dim
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _entry_is_usable(g, dim: int) -> bool:
+    """Whether a manifest group entry has every key, of the right type, that `commit` takes over."""
+    if not isinstance(g, dict) or not isinstance(g.get("key"), str) or not _is_count(g.get("num_records")):
+        return False
+    shard = g.get("shard")
+    if shard is not None and not (isinstance(shard, str) and isinstance(g.get("sha256"), str)):
+        return False
+    rejects = g.get("rejects")
+    if not isinstance(rejects, list) or not all(
+        isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _is_count(r[1], 1) and isinstance(r[2], str)
+        for r in rejects
+    ):
+        return False
+    stats = g.get("stats")
+    return (isinstance(stats, dict) and _is_count(stats.get("count")) and _is_vector(stats.get("mean"), dim)
+            and _is_vector(stats.get("m2"), dim) and min(stats["m2"], default=0) >= 0)
+
+
+def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
+    """Groups of the previous run whose manifest entry is whole and agrees with the index, and whose shard is
+    still what the index says (same file, size, checksum). Anything else is rebuilt."""
     shards = {s.file: s for s in index.shards}
+    claimed = [g.get("shard") for g in manifest["groups"] if isinstance(g, dict)]
     lengths = None
     usable = {}
-    for g in manifest.get("groups", []):
-        shard = g.get("shard")
+    for g in manifest["groups"]:
+        if not _entry_is_usable(g, index.dim):
+            continue
+        shard = g["shard"]
         if shard is not None:
             info = shards.get(shard)
             path = out / shard
-            if info is None or info.sha256 != g.get("sha256") or not path.is_file() or path.stat().st_size != info.bytes:
+            if (info is None or info.sha256 != g["sha256"] or claimed.count(shard) != 1 or not path.is_file()
+                    or path.stat().st_size != info.bytes):
                 continue
             if lengths is None:
                 try:
                     lengths = fmt.load_lengths(index)
                 except DataError:
                     return {}
-            g = dict(g, lengths=np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32),
-                     info=info)
+            group_lengths = np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32)
+            num_kept, num_tokens = info.num_sequences, info.num_tokens
+            if len(group_lengths) != num_kept or int(group_lengths.sum(dtype=np.int64)) != num_tokens:
+                continue
+            g = dict(g, lengths=group_lengths, info=info)
         else:
+            num_kept = num_tokens = 0
             g = dict(g, lengths=np.zeros(0, np.int32), info=None)
+        # Counts that disagree would break kept + rejected == records seen, or the statistics.
+        if g["num_records"] != num_kept + len(g["rejects"]) or g["stats"]["count"] != num_tokens:
+            continue
         usable[g["key"]] = g
     return usable
 
 
-def _resolve_dim(src_list: list[_Source], dim: int | None, manifest: dict | None) -> tuple[int, list | None]:
+def resolve_dim(src_list: list[Source], dim: int | None, manifest: dict | None) -> tuple[int, list | None]:
     if dim is not None:
         return dim, None
     if manifest is not None and manifest.get("dim_source"):
-        # Reuse the detected width while every file up to the one it came from is unchanged.
+        # Reuse the detected width while every file up to the one it came from is unchanged (`load_previous`
+        # checked that the recorded width is the previous dataset's).
         recorded = manifest["dim_source"]
-        prefix = manifest.get("dim_prefix") or []
-        now = [s.fingerprint() for s in src_list[: len(prefix)]]
-        if now == prefix and prefix and prefix[-1] == recorded:
-            return int(manifest["settings"]["dim"]), recorded
-    found = _detect_dim(src_list)
-    if found is None:
+        prefix = manifest.get("dim_prefix")
+        if isinstance(prefix, list) and prefix and prefix[-1] == recorded:
+            now = [s.fingerprint() for s in src_list[: len(prefix)]]
+            if now == prefix:
+                return manifest["settings"]["dim"], recorded
+    found = detect_dim(src_list)
+    if isinstance(found, str):
         raise DataError(
             f"no valid record in {len(src_list)} input file{'s' if len(src_list) != 1 else ''} to take --dim from "
-            "(a record is an array of at least 2 vectors of equal length); run with --on-error skip --dim D to see why"
+            f"(first: {found}); a record is an array of at least 2 vectors of equal length. Run with "
+            "--on-error skip --dim D to see every reject"
         )
     width, src = found
     return width, src.fingerprint()

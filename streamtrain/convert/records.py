@@ -1,9 +1,10 @@
 """One record: decoding and validation with one precise reason per rejected record, and splitting text into
 records. This is the slow path of convert, and the contract that the fast path (`blocks`) must match.
 
-Records. A `.jsonl` file holds one record per line; a `.json` file (or any explicitly named file) holds one
+Records. A file that holds nothing but white space (or is empty) is one rejected record at line 1: almost
+always a failed export, never silently zero records. A `.jsonl` file holds one record per line; a `.json` file (or any explicitly named file) holds one
 record, or JSON Lines when the whole document is not one JSON value and has lines that are (see
-`_looks_like_json_lines`). A record is an array of vectors
+`looks_like_json_lines`). A record is an array of vectors
 `[[v1..vD], ...]` or an object with a `"sequence"` key holding one. Values are stored as
 `np.float32(float(text))`: parsed to the nearest float64, then rounded to float32.
 """
@@ -17,14 +18,17 @@ import re
 import numpy as np
 import orjson
 
-__all__ = ["F32_MAX", "F32_OVERFLOW", "RecordError", "parse_record"]
+__all__ = [
+    "F32_MAX", "F32_OVERFLOW", "RecordError", "parse_record", "BOM", "is_blank", "blank_file_reason",
+    "NEGATIVE_ZERO_INT", "decode_json", "is_json", "looks_like_json_lines", "split_lines",
+]
 
 F32_MAX = float(np.finfo(np.float32).max)
 # Round-to-nearest-even sends |x| >= F32_MAX + half an ulp (2**128 - 2**103) to infinity; anything below it
 # rounds to a finite float32, F32_MAX included. Exactly representable in float64.
 F32_OVERFLOW = 2.0**128 - 2.0**103
 
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 
 
 class RecordError(ValueError):
@@ -54,16 +58,16 @@ def _kind_of(value) -> str:
 
 
 # An integer "-0" must become -0.0 (float("-0") is -0.0), but JSON parsers read it as the integer 0.
-_NEGATIVE_ZERO_INT = re.compile(rb"-0(?![0-9.eE])")
+NEGATIVE_ZERO_INT = re.compile(rb"-0(?![0-9.eE])")
 
 
 def _parse_int(text: str):
     return -0.0 if text == "-0" else int(text)
 
 
-def _decode_json(text: bytes):
+def decode_json(text: bytes):
     """Python value of `text`, or RecordError with the reason it is not a usable JSON value."""
-    if b"-0" in text and _NEGATIVE_ZERO_INT.search(text):
+    if b"-0" in text and NEGATIVE_ZERO_INT.search(text):
         try:
             return json.loads(text, parse_constant=_raise_nonfinite, parse_int=_parse_int)
         except (ValueError, RecursionError, _NonFinite):
@@ -128,14 +132,30 @@ def parse_record(text: bytes | str, dim: int | None = None) -> np.ndarray:
     """Validate one record and return it as float32 (T, dim); raise RecordError with the reason otherwise."""
     if isinstance(text, str):
         text = text.encode("utf-8")
-    return _validate_value(_decode_json(text), dim)
+    return _validate_value(decode_json(text), dim)
+
+
+def is_blank(data: bytes) -> bool:
+    """Whether `data`, the start of a file or all of it, holds nothing but white space (after a UTF-8 BOM)."""
+    return not data.removeprefix(BOM).strip()
+
+
+def blank_file_reason(size: int, bom: bool) -> str:
+    """Why a file of `size` bytes that holds nothing but white space (after a BOM if `bom`) is rejected."""
+    if size == 0:
+        return "empty file (0 bytes): nothing to convert — a failed export?"
+    if bom and size == len(BOM):
+        what = "a UTF-8 byte-order mark"
+    else:
+        what = "a UTF-8 byte-order mark and white space" if bom else "white space"
+    return f"file holds only {what} ({size} bytes): nothing to convert — a failed export?"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Splitting text into records
 
 
-def _split_lines(data: bytes, first_line: int, bom: bool = False, starts: bool = False):
+def split_lines(data: bytes, first_line: int, bom: bool = False, starts: bool = False):
     """Non-blank lines of `data`, their 1-based line numbers, and (if `starts`) the byte offset of every
     line start in `data`, blank or not. `bom`: `data` begins a file, so a UTF-8 byte-order mark is dropped."""
     raw = data.split(b"\n")
@@ -145,8 +165,8 @@ def _split_lines(data: bytes, first_line: int, bom: bool = False, starts: bool =
     if starts:
         offsets = np.zeros(len(raw) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)) + 1, out=offsets[1:])
-    if bom and raw and raw[0].startswith(_BOM):
-        raw[0] = raw[0][len(_BOM):]
+    if bom and raw and raw[0].startswith(BOM):
+        raw[0] = raw[0][len(BOM):]
     texts, lines = [], []
     for i, text in enumerate(raw):
         if text and not text.isspace():
@@ -155,10 +175,10 @@ def _split_lines(data: bytes, first_line: int, bom: bool = False, starts: bool =
     return texts, lines, offsets
 
 
-def _is_json(text: bytes) -> bool:
-    """Whether `text` is one usable JSON value (as `_decode_json` reads it)."""
+def is_json(text: bytes) -> bool:
+    """Whether `text` is one usable JSON value (as `decode_json` reads it)."""
     try:
-        _decode_json(text)
+        decode_json(text)
     except RecordError:
         return False
     return True
@@ -185,7 +205,7 @@ def _is_record(text: bytes) -> bool:
     return True
 
 
-def _looks_like_json_lines(data: bytes) -> bool:
+def looks_like_json_lines(data: bytes) -> bool:
     """Whether `data`, a document that is not one JSON value, is JSON Lines: it has more than one non-blank
     line, and its first non-blank line is one JSON value on its own or some line is a valid record on its
     own. A broken single document (truncated, pretty-printed) has no line that is a record by itself, so it
@@ -197,6 +217,6 @@ def _looks_like_json_lines(data: bytes) -> bool:
     second = next(lines, None)
     if second is None:
         return False
-    if _is_json(first) or _is_record(second):
+    if is_json(first) or _is_record(second):
         return True
     return any(_is_record(text) for text in lines)

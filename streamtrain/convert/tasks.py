@@ -1,6 +1,6 @@
 """One conversion task, as run in a worker process (or inline with one worker): read a run of segments,
 convert their records block by block, compute statistics per partial, and write the rows as a shard (with
-its checksum) or as a piece file that `_merge_pieces` later joins into the group's shard.
+its checksum) or as a piece file that `merge_pieces` later joins into the group's shard.
 
 Statistics are computed per partial over a fixed chunking of its rows and merged in order, so a group's
 statistics and shard are bit-identical whether one task converts the group or one task per partial does.
@@ -18,19 +18,19 @@ import numpy as np
 
 from streamtrain import format as fmt
 from streamtrain.convert.blocks import (
-    _BLOCK_BYTES,
-    _Backend,
-    _BlockOut,
-    _convert_fast,
-    _document_records,
-    _records_into,
+    BLOCK_BYTES,
+    Backend,
+    BlockOut,
+    convert_fast,
+    document_records,
     parser_backend,
+    records_into,
+    reject_blank_file,
 )
-from streamtrain.convert.records import _BOM, _split_lines
-from streamtrain.convert.sources import _read_range
-from streamtrain.errors import UserError
+from streamtrain.convert.records import BOM, split_lines
+from streamtrain.convert.sources import blank_file_size, read_range
 
-__all__: list[str] = []
+__all__ = ["TaskSpec", "TaskResult", "run_task", "merge_pieces", "worker_init"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _values_stats(blocks: list, dim: int) -> fmt.RunningStats:
 
 
 @dataclass
-class _TaskSpec:
+class TaskSpec:
     task_id: int
     group: int
     segments: list  # list[plan.Segment]
@@ -86,7 +86,7 @@ class _TaskSpec:
 
 
 @dataclass
-class _TaskResult:
+class TaskResult:
     task_id: int
     group: int
     stats: list  # RunningStats per partial
@@ -101,7 +101,7 @@ class _TaskResult:
     failed: bool = False
 
 
-def _worker_init() -> None:
+def worker_init() -> None:
     # The parsers create no reference cycles; the cyclic collector only costs time here.
     gc.disable()
 
@@ -115,12 +115,14 @@ class _TaskState:
         self.stats, self.rejects = [], []
         self.num_records = self.num_fast = 0
 
-    def add(self, path: str | list, out: _BlockOut) -> None:
+    def add(self, path: str | list, out: BlockOut) -> None:
         """Records of `out`, all from the file `path`, or (a list) from one file each, every one kept."""
         self.num_records += out.num_records
         self.num_fast += out.num_fast
         if isinstance(path, list):
-            assert not out.rejects and len(path) == sum(len(x) for x in out.lengths)
+            if out.rejects or len(path) != sum(len(x) for x in out.lengths):
+                raise RuntimeError(f"a block of {len(path)} whole files gave {sum(len(x) for x in out.lengths)} "
+                                   f"records and {len(out.rejects)} rejects; expected one record per file")
             self.paths.extend(path)
         else:
             self.rejects.extend((path, line, reason) for line, reason in out.rejects)
@@ -136,7 +138,7 @@ class _TaskState:
         self.partial = []
 
 
-def _run_task(spec: _TaskSpec) -> _TaskResult:
+def run_task(spec: TaskSpec) -> TaskResult:
     backend = parser_backend(spec.backend)
     dim, on_error = spec.dim, spec.on_error
     st = _TaskState(dim)
@@ -152,38 +154,43 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
                 break
         if None in seg_cuts:
             st.close_partial()
-        try:
-            data = _read_range(path, start, end)
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        data = read_range(path, start, end)
         parsed_bytes += end - start
         if kind == "document":
             docs.append((path, data))
             docs_bytes += len(data)
-            if docs_bytes >= _BLOCK_BYTES:
+            if docs_bytes >= BLOCK_BYTES:
                 ok = _documents_into(docs, dim, st, on_error, backend)
                 docs, docs_bytes = [], 0
             del data
         else:
-            out = _BlockOut()
+            out = BlockOut()
             offs = [off - start for off in seg_cuts if off is not None]
-            texts, lines, starts = _split_lines(data, first_line, bom=start == 0, starts=bool(offs))
+            texts, lines, starts = split_lines(data, first_line, bom=start == 0, starts=bool(offs))
+            blank_ok = True
+            if start == 0 and not texts:
+                # The start of a file holds no record: the whole file may be blank (a file split over
+                # groups or partials is judged here, by the piece that holds its start).
+                size = blank_file_size(path, end)
+                if size is not None:
+                    blank_ok = reject_blank_file(size, data.startswith(BOM), out, on_error)
             del data
             k0 = 0
             for rel in offs:
                 # The partial ends before the first line that starts at or after the cut.
                 line_at_cut = first_line + int(np.searchsorted(starts, max(rel, 0), side="left"))
                 k = bisect_left(lines, line_at_cut, lo=k0)
-                ok = _records_into(texts[k0:k], lines[k0:k], dim, out, on_error, backend)
+                ok = records_into(texts[k0:k], lines[k0:k], dim, out, on_error, backend)
                 st.add(path, out)
-                out = _BlockOut()
+                out = BlockOut()
                 k0 = k
                 if not ok:
                     break
                 st.close_partial()
             if ok:
-                ok = _records_into(texts[k0:], lines[k0:], dim, out, on_error, backend)
+                ok = records_into(texts[k0:], lines[k0:], dim, out, on_error, backend)
                 st.add(path, out)
+            ok = ok and blank_ok
         if not ok:
             break
     if ok and docs:
@@ -191,7 +198,7 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
     if ok:
         st.close_partial()
     lengths = np.concatenate(st.lengths) if st.lengths else np.zeros(0, np.int64)
-    result = _TaskResult(
+    result = TaskResult(
         spec.task_id, spec.group, st.stats, lengths.astype(np.int32), st.rejects, st.num_records, st.num_fast,
         parsed_bytes, None, failed=not ok,
     )
@@ -206,36 +213,36 @@ def _run_task(spec: _TaskSpec) -> _TaskResult:
         del values
         result.shard_bytes, result.sha256 = fmt.write_shard(spec.out_path, table)
     else:
-        # A piece is read back only by _merge_pieces, in this run: plain buffers, no Arrow to decode.
-        with open(spec.out_path, "wb") as f:
+        # A piece is read back only by merge_pieces, in this run: plain buffers, no Arrow to decode.
+        with fmt.naming_full_disk(spec.out_path), open(spec.out_path, "wb") as f:
             pickle.dump((values, lengths, st.paths, lines), f, protocol=5)
     return result
 
 
-def _documents_into(docs: list, dim: int, st: _TaskState, on_error: str, backend: _Backend) -> bool:
+def _documents_into(docs: list, dim: int, st: _TaskState, on_error: str, backend: Backend) -> bool:
     """Whole .json files [(path, text)], each one record at line 1 in the common case, converted as one block
-    (so many small files cost one parse); when the block fails, file by file as `_document_records` does."""
+    (so many small files cost one parse); when the block fails, file by file as `document_records` does."""
     texts = []
     for _, data in docs:
-        data = data.removeprefix(_BOM)
+        data = data.removeprefix(BOM)
         if data[:1] not in (b"[", b"{"):
             break  # blank, indented or not a record: take the file-by-file path
         texts.append(data)
     else:
-        out = _BlockOut()
-        if _convert_fast(texts, [1] * len(texts), dim, out, backend):
+        out = BlockOut()
+        if convert_fast(texts, [1] * len(texts), dim, out, backend):
             st.add([path for path, _ in docs], out)
             return True
     for path, data in docs:
-        out = _BlockOut()
-        ok = _document_records(data, dim, out, on_error, backend)
+        out = BlockOut()
+        ok = document_records(data, dim, out, on_error, backend)
         st.add(path, out)
         if not ok:
             return False
     return True
 
 
-def _merge_pieces(piece_paths: list[str], out_path: str, dim: int) -> tuple[int, str]:
+def merge_pieces(piece_paths: list[str], out_path: str, dim: int) -> tuple[int, str]:
     """Concatenate piece files (in order) into one shard, built exactly as a single task would build it."""
     values, lengths, paths, lines = [], [], [], []
     for p in piece_paths:
