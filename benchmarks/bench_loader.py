@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'pipeline':<26}{'real tokens/s':>16}{'% of memcpy':>13}{'pad %':>8}{'first batch s':>15}")
     for name, r in results.items():
         if r is None:
-            print(f"{name:<26}{'skipped (pip install -e '.[bench]')':>52}")
+            skipped = "skipped (pip install -e '.[bench]')"
+            print(f"{name:<26}{skipped:>52}")
             continue
         print(f"{name:<26}{r['real_tokens_per_s'] / 1e6:>14.2f} M{100 * r['real_tokens_per_s'] / bound_tokens_per_s:>12.1f}%"
               f"{100 * r['pad_fraction']:>7.1f}%{r['first_batch_s']:>15.3f}")
