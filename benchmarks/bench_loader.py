@@ -40,7 +40,7 @@ from corpus import KINDS, build_dataset, lognormal_lengths  # benchmarks/corpus.
 from streamtrain.data import ShardStream, make_loader
 from streamtrain.data import bucketing, checksums
 from streamtrain.data import stream as stream_module
-from streamtrain.format import read_index
+from streamtrain.dataset import read_index
 from streamtrain.data.reader import ShardReader
 
 

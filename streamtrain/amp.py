@@ -291,7 +291,7 @@ def _probe_from_record(p: Mapping, cached: bool) -> CpuProbe:
 
 def _write_cached(key: dict, probe: CpuProbe) -> None:
     """Replace the cache entry atomically; a failure (read-only or full disk) only costs a probe later."""
-    from streamtrain.format import atomic_write_bytes
+    from streamtrain.dataset import atomic_write_bytes
 
     path = _cache_path(key)
     if path is None:

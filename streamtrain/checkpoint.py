@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from streamtrain.errors import UserError
-from streamtrain.format import atomic_write_with
+from streamtrain.dataset import atomic_write_with
 
 __all__ = [
     "CHECKPOINT_VERSION",

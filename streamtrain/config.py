@@ -409,7 +409,7 @@ def resolve_config(
 def write_config(path: str | os.PathLike, config: RunConfig, derived: dict[str, Any] | None = None) -> None:
     """Write RUN/config.json atomically (it is also a valid --config file). `derived`: what the run chose
     from the config and the machine, kept under DERIVED_KEY, which reading the file skips."""
-    from streamtrain.format import atomic_write_json
+    from streamtrain.dataset import atomic_write_json
 
     obj = config.to_json()
     if derived:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from streamtrain.config import RunConfig, parse_synthetic
-from streamtrain.data.checksums import index_files, verify_files
+from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
-from streamtrain.format import Index, is_dataset, read_index
+from streamtrain.dataset import Index, is_dataset, read_index
 
 __all__ = ["TrainData", "prepare_data", "resolve_dataset"]
 
@@ -73,7 +73,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
         num_sequences, length = parse_synthetic(d.synthetic)
         train_root = run_dir / "synthetic"
         if is_main:
-            from streamtrain.synthetic import write_synthetic
+            from streamtrain.dataset.synthetic import write_synthetic
 
             write_synthetic(train_root, num_sequences, length, dim=SYNTHETIC_DIM, seed=cfg.train.seed)
     else:

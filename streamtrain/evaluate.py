@@ -216,7 +216,7 @@ def evaluate_checkpoint(
     from streamtrain.config import ModelConfig
     from streamtrain.data import ShardStream, make_loader
     from streamtrain.errors import UserError
-    from streamtrain.format import read_index
+    from streamtrain.dataset import read_index
     from streamtrain.model import CausalTransformer
 
     if device == "cuda" and not torch.cuda.is_available():

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamtrain.format import atomic_write_bytes
+from streamtrain.dataset import atomic_write_bytes
 
 __all__ = [
     "ThroughputMeter",
@@ -231,7 +231,7 @@ def summary_text(
     """The lines `fit` prints when it is done: steps and final loss (and, with --nonfinite skip, the steps
     skipped), validation against the baselines, the median real tokens/s of `records` (metrics.jsonl), the
     run folder and what became of the plot."""
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    show = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     first = f"done: {steps} steps"
     if last_record and last_record.get("loss") is not None:
         first += f" | final loss {last_record['loss']:.4g}"
@@ -241,7 +241,7 @@ def summary_text(
     if last_val is not None:
         lines.append(
             f"validation: mse {last_val['mse']:.4g} (original units) | skill vs persistence "
-            f"{fmt(last_val['skill_vs_persistence'])} | vs mean {fmt(last_val['skill_vs_mean'])}"
+            f"{show(last_val['skill_vs_persistence'])} | vs mean {show(last_val['skill_vs_mean'])}"
         )
     rates = [r["real_tokens_per_s"] for r in records if r.get("real_tokens_per_s")]
     if rates:

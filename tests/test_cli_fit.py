@@ -94,7 +94,7 @@ def test_synthetic_fit_writes_the_run_folder_then_eval_reports(tmp_path, capsys)
             "num_sequences", "num_tokens", "num_targets"} <= set(report)
     assert report["num_sequences"] == 41 and report["num_tokens"] == 41 * 24 and report["num_targets"] == 41 * 23
     assert len(report["per_dim_mse"]) == 28
-    from streamtrain.synthetic import synthetic_sequences
+    from streamtrain.dataset.synthetic import synthetic_sequences
 
     ref = _reference_eval(run / "checkpoints/best.pt", list(synthetic_sequences(41, 24, dim=28, seed=0)), context=256)
     for key in ("mse", "persistence_mse", "mean_mse"):
@@ -329,7 +329,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
 
 
 def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
-    from streamtrain.format import read_index
+    from streamtrain.dataset import read_index
 
     raw = tmp_path / "raw"
     raw.mkdir()

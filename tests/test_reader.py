@@ -11,7 +11,7 @@ from conftest import write_dataset
 
 from streamtrain.data.reader import ShardReader, sequence_views
 from streamtrain.errors import DataError
-from streamtrain.format import ShardInfo, file_sha256, open_shard, read_index, sequences_to_table, write_index
+from streamtrain.dataset import ShardInfo, file_sha256, open_shard, read_index, sequences_to_table, write_index
 
 DIM = 5
 

@@ -13,7 +13,7 @@ from streamtrain.data.bucketing import window_items
 from streamtrain.data.shm import BatchRing
 from streamtrain.data.stream import _SlotBatch, _SlotGroup
 from streamtrain.errors import DataError, UserError
-from streamtrain.format import read_index
+from streamtrain.dataset import read_index
 
 DIM = 5
 NUM_SEQUENCES = 117

@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 import orjson
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.sources import Source, detect_dim, is_lines_document, reading_input
 from streamtrain.errors import DataError, UserError
 
@@ -205,18 +205,18 @@ def split_partials(g: _Group) -> list[list]:
 # Reuse: the previous run's state
 
 
-def load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
+def load_previous(out: Path, force: bool = False) -> tuple[dataset.Index | None, dict | None]:
     """The previous run's index and reuse manifest (None where absent or unusable). An index.json that
     cannot be read is an error unless `force`: rebuilding would replace a dataset that may be intact."""
-    if not fmt.is_dataset(out):
+    if not dataset.is_dataset(out):
         return None, None
     try:
-        index = fmt.read_index(out)
+        index = dataset.read_index(out)
     except DataError as e:
         if force:
             return None, None
         raise UserError(
-            f"{out}: existing {fmt.INDEX_FILE} is unreadable ({e}); use --force to rebuild the dataset"
+            f"{out}: existing {dataset.INDEX_FILE} is unreadable ({e}); use --force to rebuild the dataset"
         ) from None
     info = index.extra.get("convert") or {}
     name = info.get("manifest")
@@ -262,7 +262,7 @@ def _entry_is_usable(g, dim: int) -> bool:
             and _is_vector(stats.get("m2"), dim) and min(stats["m2"], default=0) >= 0)
 
 
-def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
+def reusable_groups(out: Path, index: dataset.Index, manifest: dict) -> dict[str, dict]:
     """Groups of the previous run whose manifest entry is whole and agrees with the index, and whose shard is
     still what the index says (same file, size, checksum). Anything else is rebuilt."""
     shards = {s.file: s for s in index.shards}
@@ -281,7 +281,7 @@ def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, di
                 continue
             if lengths is None:
                 try:
-                    lengths = fmt.load_lengths(index)
+                    lengths = dataset.load_lengths(index)
                 except DataError:
                     return {}
             group_lengths = np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32)

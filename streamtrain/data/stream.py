@@ -53,11 +53,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
-from streamtrain.data.checksums import index_files, verified_lengths, verify_files
+from streamtrain.dataset.checksums import index_files, verified_lengths, verify_files
 from streamtrain.data.reader import ShardReader
 from streamtrain.data.shm import BatchRing, shared_tensor
 from streamtrain.errors import DataError, UserError
-from streamtrain.format import Index, read_index
+from streamtrain.dataset import Index, read_index
 
 __all__ = ["Batch", "ShardStream", "Loader", "make_loader"]
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from streamtrain import format as F
+from streamtrain import dataset as F
 from streamtrain.errors import DataError
 
 from conftest import write_dataset
@@ -116,8 +116,10 @@ def test_write_shard_is_atomic_and_returns_size_and_checksum(tmp_path, monkeypat
     assert (size, digest) == ((tmp_path / "s.arrow").stat().st_size, F.file_sha256(tmp_path / "s.arrow"))
     assert F.open_shard(tmp_path / "s.arrow").equals(table)
     synced = []
-    real_fsync_dir = F.fsync_dir
-    monkeypatch.setattr(F, "fsync_dir", lambda folder: (synced.append(folder), real_fsync_dir(folder)))
+    from streamtrain.dataset import io as dataset_io
+
+    real_fsync_dir = dataset_io.fsync_dir
+    monkeypatch.setattr(dataset_io, "fsync_dir", lambda folder: (synced.append(folder), real_fsync_dir(folder)))
     F.write_shard(tmp_path / "t.arrow", table)
     assert synced == [tmp_path]  # the rename is made durable
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
@@ -218,7 +220,7 @@ _WRITER_CRASH = r"""
 import os, sys
 from pathlib import Path
 import numpy as np
-from streamtrain import format as F
+from streamtrain.dataset import writer as F  # the module whose names DatasetWriter calls
 
 root, point = Path(sys.argv[1]), sys.argv[2]
 calls = []
@@ -296,5 +298,5 @@ def test_writer_and_convert_take_the_same_lock(tmp_path):
 
 
 def test_format_never_imports_torch():
-    code = "import sys, streamtrain.format, streamtrain.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, streamtrain.dataset, streamtrain.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

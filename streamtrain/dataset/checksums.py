@@ -38,8 +38,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 
+from streamtrain.dataset.index import Index, parse_lengths
+from streamtrain.dataset.io import map_file
 from streamtrain.errors import DataError
-from streamtrain.format import Index, map_file, parse_lengths
 from streamtrain.user_cache import cache_dir
 
 __all__ = [

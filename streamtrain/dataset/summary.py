@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamtrain import format as fmt
+from streamtrain.dataset.index import ShardInfo, load_lengths, read_index
+from streamtrain.dataset.schema import REJECTS_FILE
+from streamtrain.dataset.verify import verify_dataset
+from streamtrain.errors import DataError
 
 __all__ = ["LengthSummary", "DatasetSummary", "length_summary", "summarize", "render_text"]
 
@@ -60,7 +63,7 @@ class DatasetSummary:
     num_records: int | None
     num_ignored_files: int | None
     bytes: int
-    shards: list[fmt.ShardInfo]
+    shards: list[ShardInfo]
     lengths: LengthSummary
     mean: list[float]
     std: list[float]
@@ -93,15 +96,15 @@ class DatasetSummary:
 
 def summarize(root: str | os.PathLike, verify: bool = False) -> DatasetSummary:
     """Summary of the dataset in `root`; with verify, every shard is re-read and checked against the index."""
-    index = fmt.read_index(root)
-    problems = fmt.verify_dataset(index) if verify else None
+    index = read_index(root)
+    problems = verify_dataset(index) if verify else None
     try:
-        lengths = np.asarray(fmt.load_lengths(index))
-    except fmt.DataError:
+        lengths = np.asarray(load_lengths(index))
+    except DataError:
         if not verify:
             raise
         lengths = np.zeros(0, np.int32)
-    rejects = os.path.join(os.fspath(root), fmt.REJECTS_FILE)
+    rejects = os.path.join(os.fspath(root), REJECTS_FILE)
     return DatasetSummary(
         root=os.fspath(root),
         dim=index.dim,

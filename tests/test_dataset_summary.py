@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from streamtrain import cli
-from streamtrain import format as fmt
-from streamtrain.summary import length_summary, render_text, summarize
+from streamtrain import dataset
+from streamtrain.dataset.summary import length_summary, render_text, summarize
 
 
 def _dataset(root, n=117, dim=5, seed=0):
     rng = np.random.default_rng(seed)
     lengths = np.minimum(np.exp(rng.normal(np.log(30), 1.2, n)).astype(int) + 2, 3000)
-    with fmt.DatasetWriter(root, dim=dim, shard_bytes=20_000) as w:
+    with dataset.DatasetWriter(root, dim=dim, shard_bytes=20_000) as w:
         for i, t in enumerate(lengths):
             w.add(rng.standard_normal((t, dim)).astype(np.float32), path="a.jsonl", line=i + 1)
     return lengths
@@ -57,7 +57,7 @@ def test_inspect_json_and_verify(tmp_path, capsys):
     assert obj["verified"] is True and obj["num_rejected"] == 0 and len(obj["mean"]) == 5
     assert obj["lengths"]["max"] == int(lengths.max())
     # Corrupt one shard: --verify names it and exits 2.
-    shard = tmp_path / "ds" / fmt.read_index(tmp_path / "ds").shards[1].file
+    shard = tmp_path / "ds" / dataset.read_index(tmp_path / "ds").shards[1].file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -89,7 +89,7 @@ def test_rich_and_text_reports_show_the_lengths(tmp_path, capsys):
     # 13 sequences of known lengths: every figure below is worked out by hand
     lengths = [2, 3, 3, 5, 8, 13, 21, 34, 55, 89, 144, 1000, 1001]
     rng = np.random.default_rng(0)
-    with fmt.DatasetWriter(tmp_path / "ds", dim=3) as w:
+    with dataset.DatasetWriter(tmp_path / "ds", dim=3) as w:
         for i, t in enumerate(lengths):
             w.add(rng.standard_normal((t, 3)).astype(np.float32), path="a.jsonl", line=i + 1)
     s = summarize(tmp_path / "ds")

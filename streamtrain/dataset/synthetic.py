@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtrain.format import DatasetWriter, Index, is_dataset, read_index
+from streamtrain.dataset.index import Index, is_dataset, read_index
+from streamtrain.dataset.writer import DatasetWriter
 
 __all__ = ["write_synthetic", "synthetic_sequences"]
 
