@@ -107,7 +107,7 @@ def bench_tensor_handover(root: Path, max_tokens: int, num_workers: int, repeats
     def run(r):
         ds = ShardStream(root, max_tokens=max_tokens, seed=0)
         ds.set_epoch(r)
-        ds._publish_position()
+        ds.publish_position()
         for batch in DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4):
             yield batch.x, batch.lengths
 

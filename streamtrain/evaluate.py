@@ -21,50 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamtrain.data.batch import Standardizer, model_offsets
+
 __all__ = [
     "EvalSums",
-    "Standardizer",
     "accumulate_eval",
     "eval_summary",
     "evaluate_checkpoint",
     "eval_context",
-    "model_offsets",
-    "standardization",
 ]
-
-
-def standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (mean, std) with zero-variance dimensions given std 1, so they pass through unscaled."""
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64).copy()
-    std[~(std > 0)] = 1.0
-    return mean, std
-
-
-class Standardizer:
-    """The model's view of a batch: (x - mean) / std in float32, zero on padding; one definition for
-    training and evaluation. Keeps the float64 statistics (numpy and on `device`) for un-standardizing."""
-
-    def __init__(self, mean, std, device: torch.device):
-        self.mean, self.std = standardization(mean, std)  # float64 numpy
-        self.mean64 = torch.as_tensor(self.mean, dtype=torch.float64, device=device)
-        self.std64 = torch.as_tensor(self.std, dtype=torch.float64, device=device)
-        self._mean32 = self.mean64.float()
-        self._inv_std32 = (1.0 / self.std64).float()
-
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) original units, mask: (B, T) -> (B, T, D) standardized."""
-        return ((x - self._mean32) * self._inv_std32).masked_fill(~mask[..., None], 0.0)
-
-
-def model_offsets(batch, device: torch.device, always: bool = False) -> torch.Tensor | None:
-    """The `offsets` argument of the model for `batch`: its window offsets on `device`, or None when every row
-    starts its sequence (the model's cached positions; the check reads the CPU copy, no device sync).
-    `always`: pass them even then (a compiled model keeps one graph instead of two)."""
-    offsets = batch.offsets
-    if not always and not bool(offsets.any()):
-        return None
-    return offsets.to(device, non_blocking=True)
 
 
 class EvalSums:
@@ -215,8 +180,8 @@ def evaluate_checkpoint(
     from streamtrain.checkpoint import load_checkpoint
     from streamtrain.config import ModelConfig
     from streamtrain.data import ShardStream, make_loader
-    from streamtrain.errors import UserError
     from streamtrain.dataset import read_index
+    from streamtrain.errors import UserError
     from streamtrain.model import CausalTransformer
 
     if device == "cuda" and not torch.cuda.is_available():

@@ -42,6 +42,7 @@ from streamtrain.checkpoint import (
 )
 from streamtrain.config import COMPILE_MAX_SHAPES, RunConfig
 from streamtrain.data import bucketing
+from streamtrain.data.batch import Standardizer, model_offsets
 from streamtrain.dataprep import TrainData
 from streamtrain.distributed import (
     DistInfo,
@@ -55,10 +56,8 @@ from streamtrain.distributed import (
 from streamtrain.errors import UserError
 from streamtrain.evaluate import (
     EvalSums,
-    Standardizer,
     accumulate_eval,
     eval_summary,
-    model_offsets,
 )
 from streamtrain.metrics import (
     LiveView,

@@ -163,7 +163,7 @@ def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
 
     from streamtrain.checkpoint import load_checkpoint
     from streamtrain.config import ModelConfig
-    from streamtrain.evaluate import standardization
+    from streamtrain.data.batch import standardization
     from streamtrain.model import CausalTransformer
 
     rng = np.random.default_rng(5)

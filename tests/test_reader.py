@@ -190,7 +190,7 @@ def test_data_checks_hold_under_python_O(dataset):
     code = f"""
 import numpy as np
 from streamtrain.data.reader import ShardReader
-from streamtrain.data.shm import BatchRing
+from streamtrain.data.transport import BatchRing
 from streamtrain.errors import DataError
 try:
     assert False

@@ -10,8 +10,8 @@ from conftest import write_dataset
 
 from streamtrain.data import Batch, Loader, ShardStream, make_loader
 from streamtrain.data.bucketing import window_items
-from streamtrain.data.shm import BatchRing
-from streamtrain.data.stream import _SlotBatch, _SlotGroup
+from streamtrain.data.transport import BatchRing
+from streamtrain.data.transport import SlotBatch, SlotGroup
 from streamtrain.errors import DataError, UserError
 from streamtrain.dataset import read_index
 
@@ -368,7 +368,7 @@ def test_worker_batches_reuse_ring_slots_across_epochs_and_equal_in_process_ones
     expected = [_run(reference), _run(reference)]
     loader = make_loader(_stream(root, seed=8), num_workers=2, prefetch_factor=1)
     got = [_run(loader), _run(loader)]
-    ring = loader.dataset._ring
+    ring = loader.dataset.ring
     assert isinstance(ring, BatchRing) and 2 * ring.num_workers * ring.slots_per_worker < len(expected[0])
     for e in range(2):
         _assert_same(got[e], expected[e])
@@ -414,7 +414,7 @@ def test_taking_a_batch_from_a_reused_slot_raises():
     generation = ring.start(0)
     slot, seq = ring.claim(0, generation)
     rows = np.array([4, 2])
-    stale = _SlotBatch(ring.token, 0, slot, seq, 4, 3, rows, np.array([0, 1]), np.array([0, 0]))
+    stale = SlotBatch(ring.token, 0, slot, seq, 4, 3, rows, np.array([0, 1]), np.array([0, 0]))
     ring.release(0, slot, seq)
     assert ring.claim(0, generation) == (slot, seq + 1)
     with pytest.raises(RuntimeError, match="reused"):
@@ -429,8 +429,8 @@ def test_slot_groups_take_and_pin_every_batch(monkeypatch):
         slot, seq = ring.claim(0, generation)
         ring.slot(0, slot, (2, 4, 3))[:] = 0
         ring.slot(0, slot, (2, 4, 3))[0, :n] = n
-        batches.append(_SlotBatch(ring.token, 0, slot, seq, 4, 3, np.array([n, 0]), np.array([7, 8]), np.array([0, 0])))
-    group = pickle.loads(pickle.dumps(_SlotGroup(batches)))  # as DataLoader hands it over
+        batches.append(SlotBatch(ring.token, 0, slot, seq, 4, 3, np.array([n, 0]), np.array([7, 8]), np.array([0, 0])))
+    group = pickle.loads(pickle.dumps(SlotGroup(batches)))  # as DataLoader hands it over
     # pinning needs CUDA: stand in an identity so that the pin path itself runs
     pinned = []
     real_empty = torch.empty

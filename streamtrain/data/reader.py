@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from streamtrain.dataset import Index, map_file, read_index, read_shard
 from streamtrain.dataset.checksums import check_mapped, check_size, verified_lengths
 from streamtrain.errors import DataError
-from streamtrain.dataset import Index, map_file, read_index, read_shard
 
 __all__ = ["ShardReader", "sequence_views", "DEFAULT_MAX_OPEN_SHARDS"]
 

@@ -1,4 +1,4 @@
-"""`BatchRing`: shared-memory slots through which DataLoader workers hand padded batches to the main process.
+"""Hand-over from DataLoader workers: `BatchRing`, shared-memory slots through which DataLoader workers hand padded batches to the main process.
 
 Handing a batch over as tensors costs a shared-memory segment per tensor per batch (create, map, send its
 file descriptor, unlink), several times what it costs to copy the batch once more.
@@ -28,11 +28,14 @@ import itertools
 import os
 import time
 import weakref
+from dataclasses import fields
 
 import numpy as np
 import torch
 
-__all__ = ["BatchRing", "shared_tensor"]
+from streamtrain.data.batch import Batch, assemble_batch
+
+__all__ = ["BATCHES_PER_MESSAGE", "BatchRing", "SlotBatch", "SlotGroup", "shared_tensor"]
 
 # Rings of this process by token, so that batch metadata unpickled in the main process (possibly in
 # DataLoader's pin-memory thread) finds the memory it points into.
@@ -133,3 +136,68 @@ class BatchRing:
             if int(current[0]) != generation or os.getppid() != self._parent_pid:
                 return None
             time.sleep(_WAIT_S)
+
+
+# Batches per DataLoader item from a worker (a block of consecutive batches of the rank's stream). Each
+# item costs a DataLoader round trip (queues, pickling, thread hand-offs), more than building a batch;
+# blocks spread that cost over several batches (benchmarks/bench_loader.py --block-sizes).
+BATCHES_PER_MESSAGE = 4
+
+
+class SlotBatch:
+    """What a worker sends for a batch it wrote into a `BatchRing` slot: where x is, and the row arrays
+    (int64 numpy, pickled by value: a few KB). `take()` in the main process turns it into a Batch."""
+
+    __slots__ = ("ring_token", "worker", "slot", "seq", "padded_len", "dim", "lengths", "ids", "offsets")
+
+    def __init__(self, ring_token: int, worker: int, slot: int, seq: int, padded_len: int, dim: int,
+                 lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray):
+        self.ring_token, self.worker, self.slot, self.seq = ring_token, worker, slot, seq
+        self.padded_len, self.dim = padded_len, dim
+        self.lengths, self.ids, self.offsets = lengths, ids, offsets
+
+    def __getstate__(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state) -> None:
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+    def take(self, pin: bool = False) -> Batch:
+        """Copy x out of the slot (into pinned memory when `pin`), free the slot, and build the Batch."""
+        ring = BatchRing.find(self.ring_token)
+        shape = (len(self.lengths), self.padded_len, self.dim)
+        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+        np.copyto(x.numpy(), ring.slot(self.worker, self.slot, shape))
+        # checked after the copy: the slot held this batch throughout
+        intact = ring.holds(self.worker, self.slot, self.seq)
+        ring.release(self.worker, self.slot, self.seq)
+        if not intact:
+            raise RuntimeError(f"batch slot {self.worker}/{self.slot} was reused before it was taken")
+        batch = assemble_batch(x, self.lengths, self.ids, self.offsets)
+        if pin:  # x is pinned already; the small tensors are pinned as Batch.pin_memory would
+            batch = Batch(x=x, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(Batch) if f.name != "x"})
+        return batch
+
+
+
+class SlotGroup:
+    """One DataLoader item from a worker: consecutive `SlotBatch`es of the rank's stream."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, batches: list[SlotBatch]):
+        self.batches = batches
+
+    def __getstate__(self):
+        return self.batches
+
+    def __setstate__(self, state) -> None:
+        self.batches = state
+
+    def take(self, pin: bool = False) -> list[Batch]:
+        return [b.take(pin) for b in self.batches]
+
+    def pin_memory(self) -> list[Batch]:
+        """Called by DataLoader's pin-memory thread: one copy per batch, from the slot into pinned memory."""
+        return self.take(pin=True)
