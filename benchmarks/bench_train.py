@@ -47,7 +47,7 @@ from streamtrain.checkpoint import unwrap_model
 from streamtrain.config import resolve_config
 from streamtrain.dataprep import prepare_data
 from streamtrain.dataset import load_lengths, open_shard, read_index
-from streamtrain.metrics import measure_matmul_peak_tflops
+from streamtrain.telemetry import measure_matmul_peak_tflops
 from streamtrain.model import sinusoidal_positions
 from streamtrain.train import Trainer
 

@@ -59,7 +59,7 @@ from streamtrain.evaluate import (
     accumulate_eval,
     eval_summary,
 )
-from streamtrain.metrics import (
+from streamtrain.telemetry import (
     LiveView,
     MetricsLog,
     ThroughputMeter,

@@ -3,7 +3,7 @@
 import io
 import json
 
-from streamtrain.metrics import (
+from streamtrain.telemetry import (
     LiveView,
     MetricsLog,
     ThroughputMeter,
@@ -96,7 +96,7 @@ def test_gpu_peak_table_matches_exact_device_names():
 def test_device_peak_uses_the_table_and_measures_what_it_does_not_know():
     import torch
 
-    from streamtrain.metrics import device_peak_tflops
+    from streamtrain.telemetry import device_peak_tflops
 
     measured = []
 
@@ -131,7 +131,7 @@ def test_device_peak_uses_the_table_and_measures_what_it_does_not_know():
 def test_measured_matmul_peak_is_positive_and_leaves_the_global_generator_alone():
     import torch
 
-    from streamtrain.metrics import measure_matmul_peak_tflops
+    from streamtrain.telemetry import measure_matmul_peak_tflops
 
     state = torch.get_rng_state()
     assert measure_matmul_peak_tflops(size=64, budget_s=0.01) > 0
@@ -141,7 +141,7 @@ def test_measured_matmul_peak_is_positive_and_leaves_the_global_generator_alone(
 
 _REWRITE_WITH_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
-from streamtrain.metrics import MetricsLog
+from streamtrain.telemetry import MetricsLog
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
