@@ -42,9 +42,9 @@ def _reference_eval(checkpoint_path, seqs, context):
     window by one (window k starts at k * (context - 1)), encoded at their positions in the sequence."""
     import torch
 
-    from streamtrain.checkpoint import load_checkpoint
-    from streamtrain.config import ModelConfig
-    from streamtrain.model import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
+    from streamtrain.model import ModelConfig
+    from streamtrain.model.transformer import CausalTransformer
 
     ckpt = load_checkpoint(checkpoint_path)
     model = CausalTransformer(ModelConfig(**ckpt["config"]["model"]))
@@ -161,10 +161,10 @@ def test_eval_windows_at_the_training_context(tmp_path, capsys, train_flags, con
 def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
     import torch
 
-    from streamtrain.checkpoint import load_checkpoint
-    from streamtrain.config import ModelConfig
+    from streamtrain.train.checkpoint import load_checkpoint
+    from streamtrain.model import ModelConfig
     from streamtrain.data.batch import standardization
-    from streamtrain.model import CausalTransformer
+    from streamtrain.model.transformer import CausalTransformer
 
     rng = np.random.default_rng(5)
     seqs = []
@@ -323,7 +323,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "SIGTERM" in err and "--resume" in err
-    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints/last.pt")["step"] >= 1
 
@@ -360,7 +360,7 @@ def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
 
 
 def _float_flags():
-    from test_config import FLOAT_FIELDS
+    from test_train_config import FLOAT_FIELDS
 
     return ["--" + name.replace("_", "-") for _, name in FLOAT_FIELDS]
 
@@ -417,7 +417,7 @@ def small_disk(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, small_disk):
-    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.train.checkpoint import load_checkpoint
 
     data = tmp_path / "data"
     write_dataset(data, _sequences(23))

@@ -1,4 +1,4 @@
-"""Tests for streamtrain.summary and `streamtrain inspect`."""
+"""Tests for streamtrain.dataset.summary and `streamtrain inspect`."""
 
 from __future__ import annotations
 

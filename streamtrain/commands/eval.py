@@ -32,7 +32,7 @@ def run(args) -> int:
     import sys
 
     from streamtrain.errors import UserError
-    from streamtrain.evaluate import evaluate_checkpoint
+    from streamtrain.eval.evaluate import evaluate_checkpoint
 
     if args.batch_tokens < 16:
         raise UserError(f"--batch-tokens must be >= 16, got {args.batch_tokens}")

@@ -64,8 +64,8 @@ def _print_rich(s) -> None:
 
 
 def run(args) -> int:
-    from streamtrain.errors import DataError
     from streamtrain.dataset.summary import render_text, summarize
+    from streamtrain.errors import DataError
 
     s = summarize(args.dir, verify=args.verify)
     if args.json:

@@ -30,7 +30,12 @@ import numpy as np
 import orjson
 
 from streamtrain import dataset
-from streamtrain.convert.sources import Source, detect_dim, is_lines_document, reading_input
+from streamtrain.convert.sources import (
+    Source,
+    detect_dim,
+    is_lines_document,
+    reading_input,
+)
 from streamtrain.errors import DataError, UserError
 
 __all__ = [

@@ -17,7 +17,13 @@ import numpy as np
 from streamtrain import dataset
 from streamtrain.convert.plan import split_partials
 from streamtrain.convert.pool import ProcessPool, WorkerLost
-from streamtrain.convert.tasks import TaskResult, TaskSpec, merge_pieces, run_task, worker_init
+from streamtrain.convert.tasks import (
+    TaskResult,
+    TaskSpec,
+    merge_pieces,
+    run_task,
+    worker_init,
+)
 from streamtrain.errors import DataError, UserError
 
 __all__ = ["default_workers", "execute"]

@@ -16,7 +16,15 @@ from streamtrain.dataset.commit import (
     referenced_files,
     staging_folder,
 )
-from streamtrain.dataset.index import Index, ShardInfo, is_dataset, load_lengths, parse_lengths, read_index, write_index
+from streamtrain.dataset.index import (
+    Index,
+    ShardInfo,
+    is_dataset,
+    load_lengths,
+    parse_lengths,
+    read_index,
+    write_index,
+)
 from streamtrain.dataset.io import (
     DiskFullError,
     atomic_write_bytes,

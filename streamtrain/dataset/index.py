@@ -15,7 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from streamtrain.dataset.io import atomic_write_json, map_file
-from streamtrain.dataset.schema import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, LENGTHS_FILE
+from streamtrain.dataset.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    LENGTHS_FILE,
+)
 from streamtrain.errors import DataError
 
 __all__ = ["ShardInfo", "Index", "is_dataset", "read_index", "write_index", "parse_lengths", "load_lengths"]

@@ -7,7 +7,12 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from streamtrain.dataset.io import atomic_write_with, file_sha256, map_file, naming_full_disk
+from streamtrain.dataset.io import (
+    atomic_write_with,
+    file_sha256,
+    map_file,
+    naming_full_disk,
+)
 from streamtrain.errors import DataError
 
 __all__ = ["read_shard", "open_shard", "write_shard"]

@@ -10,10 +10,33 @@ from typing import Iterator
 
 import numpy as np
 
-from streamtrain.dataset.commit import DatasetLock, collect_leftovers, install_shards, new_token, staging_folder
-from streamtrain.dataset.index import Index, ShardInfo, is_dataset, read_index, write_index
-from streamtrain.dataset.io import DiskFullError, atomic_write_bytes, naming_full_disk, npy_bytes
-from streamtrain.dataset.schema import INDEX_FILE, LENGTHS_FILE, SHARD_DIR, sequences_to_table, shard_name
+from streamtrain.dataset.commit import (
+    DatasetLock,
+    collect_leftovers,
+    install_shards,
+    new_token,
+    staging_folder,
+)
+from streamtrain.dataset.index import (
+    Index,
+    ShardInfo,
+    is_dataset,
+    read_index,
+    write_index,
+)
+from streamtrain.dataset.io import (
+    DiskFullError,
+    atomic_write_bytes,
+    naming_full_disk,
+    npy_bytes,
+)
+from streamtrain.dataset.schema import (
+    INDEX_FILE,
+    LENGTHS_FILE,
+    SHARD_DIR,
+    sequences_to_table,
+    shard_name,
+)
 from streamtrain.dataset.shard import write_shard
 from streamtrain.dataset.stats import RunningStats
 from streamtrain.errors import DataError

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import streamtrain.amp as amp
+import streamtrain.train.precision as amp
 from conftest import write_dataset
-from streamtrain.amp import CpuProbe, ProbeShape, choose_precision, decide_cpu_precision, probe_shapes
-from streamtrain.checkpoint import load_checkpoint
-from streamtrain.config import read_config_file, resolve_config
-from streamtrain.fitrun import run_fit
+from streamtrain.train.precision import CpuProbe, ProbeShape, choose_precision, decide_cpu_precision, probe_shapes
+from streamtrain.train.checkpoint import load_checkpoint
+from streamtrain.train.config import read_config_file, resolve_config
+from streamtrain.train.run import run_fit
 
 TINY = {"d_model": 32, "layers": 2, "heads": 4, "ff": 64, "num_workers": 0, "quiet": True, "log_every": 1}
 
@@ -302,8 +302,8 @@ def test_the_probe_leaves_the_model_optimizer_and_every_generator_as_they_were(t
     answer: weights, no gradients, empty optimizer state, and the same global generator states after."""
     import dataclasses
 
-    from streamtrain.dataprep import prepare_data
-    from streamtrain.train import Trainer
+    from streamtrain.train.dataprep import prepare_data
+    from streamtrain.train.trainer import Trainer
 
     def build(**flags):
         cfg = resolve_config({**TINY, "data": str(dataset), "out": str(tmp_path / "r"), "max_steps": 3,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from streamtrain.errors import UserError
+from streamtrain.model.config import ModelConfig
+from streamtrain.options import check_finite_floats, flag_name, option
 
 __all__ = [
     "ModelConfig",
@@ -39,78 +40,36 @@ __all__ = [
 COMPILE_MAX_SHAPES = 16  # default --max-shapes with --compile: each padded length T costs a compilation
 
 
-def _opt(default: Any, help: str, unit: str = "", flag: bool = True, inf_ok: bool = False) -> Any:
-    """A config field. `inf_ok`: a float field where +inf means "no limit"; every other float must be finite."""
-    return field(default=default, metadata={"help": help, "unit": unit, "flag": flag, "inf_ok": inf_ok})
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_finite_floats(obj: Any) -> None:
-    """Reject NaN (which compares false with every bound, so range checks let it through) and +-inf in every
-    float field of the dataclass `obj`, except +inf where the field allows it."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if not isinstance(value, float) or math.isfinite(value):
-            continue
-        if value == math.inf and f.metadata.get("inf_ok"):
-            continue
-        raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
-
-
-@dataclass
-class ModelConfig:
-    dim: int = _opt(28, "width of each input vector, taken from the dataset", "floats", flag=False)
-    d_model: int = _opt(128, "width of the Transformer residual stream", "channels")
-    layers: int = _opt(4, "number of Transformer blocks", "blocks")
-    heads: int = _opt(4, "attention heads per block; must divide --d-model", "heads")
-    ff: int = _opt(512, "hidden width of each MLP", "channels")
-    dropout: float = _opt(0.0, "dropout probability on embeddings, attention and MLP outputs", "probability")
-    input_norm: bool = _opt(False, "apply a LayerNorm to the (standardized) input vectors before the embedding")
-
-    def __post_init__(self) -> None:
-        _check_finite_floats(self)
-        for name in ("dim", "d_model", "layers", "heads", "ff"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.heads:
-            raise UserError(f"--d-model ({self.d_model}) must be divisible by --heads ({self.heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-
-
 @dataclass
 class DataConfig:
-    data: str | None = _opt(None, "dataset folder (index.json + shards) or a folder of raw JSON/JSONL files", "path")
-    synthetic: str | None = _opt(None, "train on N generated sequences of length L instead of --data", "N,L")
-    val_data: str | None = _opt(None, "dataset folder used for validation", "path")
-    val_fraction: float = _opt(0.0, "share of sequences held out for validation, split by sequence id", "fraction")
-    batch_tokens: int = _opt(4096, "padded tokens per micro-batch (length-bucketed batches)", "tokens")
-    batch: int | None = _opt(
+    data: str | None = option(None, "dataset folder (index.json + shards) or a folder of raw JSON/JSONL files", "path")
+    synthetic: str | None = option(None, "train on N generated sequences of length L instead of --data", "N,L")
+    val_data: str | None = option(None, "dataset folder used for validation", "path")
+    val_fraction: float = option(0.0, "share of sequences held out for validation, split by sequence id", "fraction")
+    batch_tokens: int = option(4096, "padded tokens per micro-batch (length-bucketed batches)", "tokens")
+    batch: int | None = option(
         None, "at most this many sequences per micro-batch (batches still hold at most --batch-tokens padded tokens)",
         "sequences",
     )
-    max_len: int | None = _opt(None, "longer sequences are split into windows of at most L vectors, overlapping by one (default: as many as --batch-tokens holds)", "vectors")
-    num_workers: int | None = _opt(
+    max_len: int | None = option(None, "longer sequences are split into windows of at most L vectors, overlapping by one (default: as many as --batch-tokens holds)", "vectors")
+    num_workers: int | None = option(
         None, "data loader worker processes (0: load in the training process; default 0 on CPU, where the model's threads use every core, 2 on CUDA)", "processes"
     )
-    max_shapes: int | None = _opt(
+    max_shapes: int | None = option(
         None,
         "most distinct padded lengths T of the training batches (default: 16 with --compile, which compiles "
         "one graph per T, else the loader's 128); fewer shapes round more sequences up further, so more of "
         "every batch is padding",
         "shapes",
     )
-    verify: bool = _opt(
+    verify: bool = option(
         True,
         "check each shard's and the lengths file's sha256 against index.json before their rows are used, in "
         "every loader process, hashing only file versions not verified before (--no-verify: storage you trust)",
     )
 
     def __post_init__(self) -> None:
-        _check_finite_floats(self)
+        check_finite_floats(self)
         if self.synthetic is not None:
             parse_synthetic(self.synthetic)
         if not 0.0 <= self.val_fraction < 1.0:
@@ -129,19 +88,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(1e-3, "peak learning rate of AdamW, reached after the warmup", "per step")
-    min_lr_fraction: float = _opt(0.1, "learning rate at the end of the cosine decay, as a fraction of --lr", "fraction")
-    weight_decay: float = _opt(0.1, "AdamW decoupled weight decay on matrices (never on norms or biases)", "per step")
-    beta1: float = _opt(0.9, "AdamW first-moment decay", "")
-    beta2: float = _opt(0.95, "AdamW second-moment decay", "")
-    warmup_steps: int | None = _opt(None, "linear learning-rate warmup length (default: min(100, a tenth of the schedule))", "steps")
-    decay_steps: int | None = _opt(
+    lr: float = option(1e-3, "peak learning rate of AdamW, reached after the warmup", "per step")
+    min_lr_fraction: float = option(0.1, "learning rate at the end of the cosine decay, as a fraction of --lr", "fraction")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay on matrices (never on norms or biases)", "per step")
+    beta1: float = option(0.9, "AdamW first-moment decay", "")
+    beta2: float = option(0.95, "AdamW second-moment decay", "")
+    warmup_steps: int | None = option(None, "linear learning-rate warmup length (default: min(100, a tenth of the schedule))", "steps")
+    decay_steps: int | None = option(
         None, "step at which the cosine decay ends (default: the run's total steps; fix it to extend a run by resuming)", "steps"
     )
-    clip: float = _opt(1.0, "clip the global gradient norm to this value (0 or inf: no clipping)", "L2 norm", inf_ok=True)
+    clip: float = option(1.0, "clip the global gradient norm to this value (0 or inf: no clipping)", "L2 norm", inf_ok=True)
 
     def __post_init__(self) -> None:
-        _check_finite_floats(self)
+        check_finite_floats(self)
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_fraction <= 1.0:
@@ -150,7 +109,7 @@ class OptimConfig:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+                raise UserError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.decay_steps is not None and self.decay_steps < 1:
@@ -161,54 +120,54 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    out: str | None = _opt(None, "run folder: config.json, metrics.jsonl, checkpoints/, loss.png", "path")
-    epochs: int | None = _opt(None, "passes over the training data (default 1 unless --max-steps is given)", "epochs")
-    max_steps: int | None = _opt(None, "stop after this many optimizer steps", "steps")
-    max_seconds: float | None = _opt(
+    out: str | None = option(None, "run folder: config.json, metrics.jsonl, checkpoints/, loss.png", "path")
+    epochs: int | None = option(None, "passes over the training data (default 1 unless --max-steps is given)", "epochs")
+    max_steps: int | None = option(None, "stop after this many optimizer steps", "steps")
+    max_seconds: float | None = option(
         None,
         "also stop, with checkpoints and a final validation, at the first step after this much training time; "
         "the learning-rate schedule still follows --epochs/--max-steps",
         "seconds",
     )
-    grad_accum: int = _opt(1, "micro-batches per optimizer step", "micro-batches")
-    seed: int = _opt(0, "seed of the model init, the data order and the synthetic data", "")
-    device: str = _opt("auto", "auto (cuda if available), cpu or cuda", "")
-    amp: bool = _opt(False, "mixed precision: bf16 where the hardware has it natively, else fp16 (CUDA) or fp32")
-    precision: str | None = _opt(None, "force fp32, bf16 or fp16 (overrides --amp)", "")
-    compile: bool = _opt(
+    grad_accum: int = option(1, "micro-batches per optimizer step", "micro-batches")
+    seed: int = option(0, "seed of the model init, the data order and the synthetic data", "")
+    device: str = option("auto", "auto (cuda if available), cpu or cuda", "")
+    amp: bool = option(False, "mixed precision: bf16 where the hardware has it natively, else fp16 (CUDA) or fp32")
+    precision: str | None = option(None, "force fp32, bf16 or fp16 (overrides --amp)", "")
+    compile: bool = option(
         False,
         "compile the model with torch.compile: one graph per padded length T (the batch size is dynamic), "
         "so batches use at most --max-shapes lengths",
     )
-    log_every: int = _opt(10, "write a metrics line every N steps", "steps")
-    eval_every: int = _opt(0, "validate every N steps (0: only at the end)", "steps")
-    save_every: int = _opt(500, "write checkpoints/last.pt every N steps (0: only at the end)", "steps")
-    peak_tflops: float | None = _opt(None, "peak of the hardware for MFU (default: measured on CPU, table on GPU)", "TFLOP/s")
-    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)", "threads")
-    quiet: bool = _opt(False, "print only errors and the final summary")
-    nonfinite: str = _opt(
+    log_every: int = option(10, "write a metrics line every N steps", "steps")
+    eval_every: int = option(0, "validate every N steps (0: only at the end)", "steps")
+    save_every: int = option(500, "write checkpoints/last.pt every N steps (0: only at the end)", "steps")
+    peak_tflops: float | None = option(None, "peak of the hardware for MFU (default: measured on CPU, table on GPU)", "TFLOP/s")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "threads")
+    quiet: bool = option(False, "print only errors and the final summary")
+    nonfinite: str = option(
         "stop",
         "on a NaN/Inf training loss: stop (exit code 3; checkpoints/last.pt keeps the last good weights) or skip "
         "that step's update and go on (counted as skipped_steps in metrics.jsonl)",
         "stop|skip",
     )
-    nonfinite_limit: int = _opt(
+    nonfinite_limit: int = option(
         10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
     )
 
     def __post_init__(self) -> None:
-        _check_finite_floats(self)
+        check_finite_floats(self)
         for name in ("epochs", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise UserError(f"--max-seconds must be > 0, got {self.max_seconds}")
         for name in ("grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise UserError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
-                raise UserError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
@@ -300,7 +259,7 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple
             else:
                 kwargs["type"] = tp
                 kwargs["metavar"] = unit if unit and "," in unit else f.name.upper()
-            group.add_argument(_flag(f.name), **kwargs)
+            group.add_argument(flag_name(f.name), **kwargs)
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:

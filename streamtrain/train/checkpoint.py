@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtrain.errors import UserError
 from streamtrain.dataset import atomic_write_with
+from streamtrain.errors import UserError
 
 __all__ = [
     "CHECKPOINT_VERSION",

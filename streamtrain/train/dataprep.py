@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtrain.config import RunConfig, parse_synthetic
+from streamtrain.dataset import Index, is_dataset, read_index
 from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
-from streamtrain.dataset import Index, is_dataset, read_index
+from streamtrain.train.config import RunConfig, parse_synthetic
 
 __all__ = ["TrainData", "prepare_data", "resolve_dataset"]
 

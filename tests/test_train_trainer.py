@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from streamtrain.checkpoint import load_checkpoint
-from streamtrain.config import resolve_config
-from streamtrain.dataprep import prepare_data
-from streamtrain.fitrun import run_fit
-from streamtrain.train import Trainer, valid_target_count
+from streamtrain.train.checkpoint import load_checkpoint
+from streamtrain.train.config import resolve_config
+from streamtrain.train.dataprep import prepare_data
+from streamtrain.train.run import run_fit
+from streamtrain.train.trainer import Trainer, valid_target_count
 
 TINY = {"d_model": 32, "layers": 2, "heads": 4, "ff": 64, "num_workers": 0, "quiet": True, "log_every": 1}
 
@@ -142,7 +142,7 @@ def test_overfits_a_handful_of_sequences(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
-    from streamtrain.train import TrainingDiverged
+    from streamtrain.train.trainer import TrainingDiverged
 
     out = tmp_path / "nan"
     assert run_fit({**TINY, "data": str(dataset), "out": str(out), "max_steps": 3}) == 0
@@ -170,8 +170,8 @@ def _long_sequences(n, seed=1, dim=3, max_len=600):
 def test_compile_keeps_the_training_plan_to_max_shapes_lengths(tmp_path, monkeypatch):
     import torch._dynamo
 
-    from streamtrain.config import COMPILE_MAX_SHAPES
-    from streamtrain.train import plan_shapes
+    from streamtrain.train.config import COMPILE_MAX_SHAPES
+    from streamtrain.train.trainer import plan_shapes
 
     for name in ("recompile_limit", "accumulated_recompile_limit"):  # restored after the test
         monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
@@ -290,7 +290,7 @@ def test_max_seconds_stops_early_with_a_checkpoint_and_validation(tmp_path, data
 
 
 def test_time_horizon_is_re_estimated_from_the_mean_step_time(tmp_path, dataset, monkeypatch):
-    import streamtrain.train as train_module
+    import streamtrain.train.trainer as train_module
 
     trainer = _trainer(tmp_path, dataset, max_steps=10_000, max_seconds=100.0)
     trainer._print = lambda line: None
@@ -327,7 +327,7 @@ def test_fit_with_max_seconds_shows_time_progress(tmp_path, dataset):
 def _poison_steps(monkeypatch, steps):
     """Make the training loss NaN (and with it every gradient) at the given 1-based optimizer steps: with
     --grad-accum 1 the loss is computed once per step."""
-    import streamtrain.train as train_module
+    import streamtrain.train.trainer as train_module
 
     real = train_module.masked_sq_error
     calls = {"n": 0}
@@ -346,7 +346,7 @@ def _adam_updates(ckpt):
 
 def test_nonfinite_stop_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, dataset, monkeypatch, capsys):
     from streamtrain.cli import main
-    from streamtrain.train import EXIT_DIVERGED
+    from streamtrain.train.trainer import EXIT_DIVERGED
 
     _poison_steps(monkeypatch, set(range(3, 100)))
     out = tmp_path / "stop"

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from streamtrain.config import OptimConfig
+from streamtrain.train.config import OptimConfig
 
 __all__ = ["build_optimizer", "default_warmup_steps", "lr_at", "set_lr"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from streamtrain.distributed import (
+from streamtrain.train.distributed import (
     DistInfo,
     StepControl,
     all_reduce_max,
@@ -85,7 +85,7 @@ def _fit_rank(rank: int, port: int, flags: dict, resume: bool, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import streamtrain.fitrun as fitrun
+    import streamtrain.train.run as fitrun
 
     probe = {}
 
@@ -127,9 +127,9 @@ def test_each_rank_has_its_own_dropout_stream_reproducibly_and_resumes_it_exactl
     masks again; a run stopped half-way and resumed ends with the uninterrupted run's weights, bit for bit
     (every rank's RNG is in the checkpoint)."""
     from conftest import write_dataset
-    from test_train import TINY, _sequences
+    from test_train_trainer import TINY, _sequences
 
-    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.train.checkpoint import load_checkpoint
 
     write_dataset(tmp_path / "data", _sequences(37), shard_bytes=1500)
     common = {**TINY, "data": str(tmp_path / "data"), "batch_tokens": 96, "dropout": 0.2, "lr": 3e-3,

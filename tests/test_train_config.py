@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from streamtrain.config import (
+from streamtrain.train.config import (
     RunConfig,
     add_flags,
     flag_values,
@@ -97,7 +97,7 @@ def _float_fields():
     import dataclasses
     import typing
 
-    from streamtrain.config import SECTIONS
+    from streamtrain.train.config import SECTIONS
 
     out = []
     for section, klass in SECTIONS.items():

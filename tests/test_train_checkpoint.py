@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamtrain.checkpoint import (
+from streamtrain.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,

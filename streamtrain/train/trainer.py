@@ -33,32 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtrain.amp import CpuProbe, ProbeShape, autocast_for, build_precision, probe_cpu_precision
-from streamtrain.checkpoint import (
-    capture_rng_state,
-    restore_rng_state,
-    save_checkpoint,
-    unwrap_model,
-)
-from streamtrain.config import COMPILE_MAX_SHAPES, RunConfig
 from streamtrain.data import bucketing
 from streamtrain.data.batch import Standardizer, model_offsets
-from streamtrain.dataprep import TrainData
-from streamtrain.distributed import (
-    DistInfo,
-    StepControl,
-    all_gather_objects,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_from_main,
-    exchange_step_control,
-)
 from streamtrain.errors import UserError
-from streamtrain.evaluate import (
+from streamtrain.eval.evaluate import (
     EvalSums,
     accumulate_eval,
     eval_summary,
 )
+from streamtrain.model.transformer import CausalTransformer
 from streamtrain.telemetry import (
     LiveView,
     MetricsLog,
@@ -70,8 +53,31 @@ from streamtrain.telemetry import (
     summary_text,
     training_record,
 )
-from streamtrain.model import CausalTransformer
-from streamtrain.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
+from streamtrain.train.checkpoint import (
+    capture_rng_state,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap_model,
+)
+from streamtrain.train.config import COMPILE_MAX_SHAPES, RunConfig
+from streamtrain.train.dataprep import TrainData
+from streamtrain.train.distributed import (
+    DistInfo,
+    StepControl,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_from_main,
+    exchange_step_control,
+)
+from streamtrain.train.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
+from streamtrain.train.precision import (
+    CpuProbe,
+    ProbeShape,
+    autocast_for,
+    build_precision,
+    probe_cpu_precision,
+)
 
 __all__ = [
     "Trainer",

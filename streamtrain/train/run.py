@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from streamtrain.checkpoint import load_checkpoint, remove_temp_files
-from streamtrain.config import (
+from streamtrain.errors import UserError
+from streamtrain.train.checkpoint import load_checkpoint, remove_temp_files
+from streamtrain.train.config import (
     COMPILE_MAX_SHAPES,
     ModelConfig,
     RunConfig,
@@ -23,10 +24,9 @@ from streamtrain.config import (
     resolve_config,
     write_config,
 )
-from streamtrain.dataprep import prepare_data
-from streamtrain.distributed import setup_distributed
-from streamtrain.errors import UserError
-from streamtrain.train import Trainer
+from streamtrain.train.dataprep import prepare_data
+from streamtrain.train.distributed import setup_distributed
+from streamtrain.train.trainer import Trainer
 
 __all__ = ["run_fit"]
 

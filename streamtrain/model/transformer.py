@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from streamtrain.config import ModelConfig
+from streamtrain.model.config import ModelConfig
 
 __all__ = ["CausalTransformer", "sinusoidal_positions"]
 

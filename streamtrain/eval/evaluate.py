@@ -155,8 +155,8 @@ def eval_context(train_config: dict, batch_tokens: int) -> tuple[int, int]:
     of the context it was trained with (its --max-len, else the longest row its --batch-tokens held), and
     a batch budget of at least one such row. Windowing at eval's own budget would score positions the model
     never attended over, and make the result depend on eval's --batch-tokens."""
-    from streamtrain.config import DataConfig
     from streamtrain.data import bucketing
+    from streamtrain.train.config import DataConfig
 
     pad = bucketing.DEFAULT_PAD_MULTIPLE
     data = train_config.get("data", {})
@@ -177,12 +177,12 @@ def evaluate_checkpoint(
     windows of the training context (`eval_context`); the report adds that window length (`max_len`) and
     the batch budget used (`batch_tokens`, raised from the one given when a window needs more).
     `verify`: check the dataset's checksums before use (see ShardStream)."""
-    from streamtrain.checkpoint import load_checkpoint
-    from streamtrain.config import ModelConfig
     from streamtrain.data import ShardStream, make_loader
     from streamtrain.dataset import read_index
     from streamtrain.errors import UserError
-    from streamtrain.model import CausalTransformer
+    from streamtrain.model import ModelConfig
+    from streamtrain.model.transformer import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
