@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import write_dataset
+
 from streamtrain.cli import main
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64", "--num-workers", "0"]
@@ -42,9 +42,9 @@ def _reference_eval(checkpoint_path, seqs, context):
     window by one (window k starts at k * (context - 1)), encoded at their positions in the sequence."""
     import torch
 
-    from streamtrain.train.checkpoint import load_checkpoint
     from streamtrain.model import ModelConfig
     from streamtrain.model.transformer import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path)
     model = CausalTransformer(ModelConfig(**ckpt["config"]["model"]))
@@ -161,10 +161,10 @@ def test_eval_windows_at_the_training_context(tmp_path, capsys, train_flags, con
 def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
     import torch
 
-    from streamtrain.train.checkpoint import load_checkpoint
-    from streamtrain.model import ModelConfig
     from streamtrain.data.batch import standardization
+    from streamtrain.model import ModelConfig
     from streamtrain.model.transformer import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
 
     rng = np.random.default_rng(5)
     seqs = []

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamtrain import cli
+from streamtrain import cli, dataset
 from streamtrain import convert as cv
-from streamtrain import dataset
 from streamtrain.errors import DataError
 
 BACKENDS = ["orjson"] + (["simdjson"] if cv.parser_backend("auto").name == "simdjson" else [])

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from streamtrain import cli
-from streamtrain import convert as cv
-from streamtrain import dataset
-
 from conftest import write_dataset
+
+from streamtrain import cli, dataset
+from streamtrain import convert as cv
 
 
 class SmallDisk:

@@ -6,12 +6,12 @@ from hypothesis import strategies as st
 from streamtrain.data.bucketing import (
     bucket_bounds,
     deal_batches,
+    item_length_histogram,
+    length_histogram,
     pad_fraction,
     plan_epoch,
     round_up,
     split_ids,
-    item_length_histogram,
-    length_histogram,
     window_items,
 )
 

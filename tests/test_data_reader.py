@@ -10,8 +10,15 @@ import pytest
 from conftest import write_dataset
 
 from streamtrain.data.reader import ShardReader, sequence_views
+from streamtrain.dataset import (
+    ShardInfo,
+    file_sha256,
+    open_shard,
+    read_index,
+    sequences_to_table,
+    write_index,
+)
 from streamtrain.errors import DataError
-from streamtrain.dataset import ShardInfo, file_sha256, open_shard, read_index, sequences_to_table, write_index
 
 DIM = 5
 

@@ -10,10 +10,9 @@ from conftest import write_dataset
 
 from streamtrain.data import Batch, Loader, ShardStream, make_loader
 from streamtrain.data.bucketing import window_items
-from streamtrain.data.transport import BatchRing
-from streamtrain.data.transport import SlotBatch, SlotGroup
-from streamtrain.errors import DataError, UserError
+from streamtrain.data.transport import BatchRing, SlotBatch, SlotGroup
 from streamtrain.dataset import read_index
+from streamtrain.errors import DataError, UserError
 
 DIM = 5
 NUM_SEQUENCES = 117

@@ -6,11 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import write_dataset
 
 from streamtrain import dataset as F
 from streamtrain.errors import DataError
-
-from conftest import write_dataset
 
 
 def _heavy_tailed(rng, n, dim=5):

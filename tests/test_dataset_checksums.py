@@ -10,10 +10,16 @@ import torch
 from conftest import write_dataset
 
 from streamtrain.data import ShardStream, make_loader
-from streamtrain.dataset import checksums
+from streamtrain.dataset import (
+    checksums,
+    file_sha256,
+    open_shard,
+    read_index,
+    verify_dataset,
+    write_index,
+)
 from streamtrain.dataset.checksums import FileVersion
 from streamtrain.errors import DataError
-from streamtrain.dataset import file_sha256, open_shard, read_index, verify_dataset, write_index
 
 DIM = 5
 MAX_TOKENS = 1024  # no sequence of the data is windowed

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from streamtrain import cli
-from streamtrain import dataset
+from streamtrain import cli, dataset
 from streamtrain.dataset.summary import length_summary, render_text, summarize
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamtrain.errors import UserError
 from streamtrain.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -13,7 +14,6 @@ from streamtrain.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from streamtrain.errors import UserError
 
 
 def test_round_trip(tmp_path):

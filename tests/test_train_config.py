@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from streamtrain.errors import UserError
 from streamtrain.train.config import (
     RunConfig,
     add_flags,
@@ -14,7 +15,6 @@ from streamtrain.train.config import (
     resolve_config,
     write_config,
 )
-from streamtrain.errors import UserError
 
 
 def _parse(argv):
@@ -145,6 +145,7 @@ def test_non_finite_values_from_config_files_name_the_flag(tmp_path, section, na
 
 def test_toml_falls_back_to_tomli(tmp_path, monkeypatch):
     import sys
+
     import tomllib
 
     (tmp_path / "c.toml").write_text("lr = 0.01\n")

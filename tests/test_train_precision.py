@@ -8,12 +8,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import write_dataset
 
 import streamtrain.train.precision as amp
-from conftest import write_dataset
-from streamtrain.train.precision import CpuProbe, ProbeShape, choose_precision, decide_cpu_precision, probe_shapes
 from streamtrain.train.checkpoint import load_checkpoint
 from streamtrain.train.config import read_config_file, resolve_config
+from streamtrain.train.precision import (
+    CpuProbe,
+    ProbeShape,
+    choose_precision,
+    decide_cpu_precision,
+    probe_shapes,
+)
 from streamtrain.train.run import run_fit
 
 TINY = {"d_model": 32, "layers": 2, "heads": 4, "ff": 64, "num_workers": 0, "quiet": True, "log_every": 1}

@@ -9,7 +9,7 @@ from test_train_trainer import TINY, _sequences
 from streamtrain.train.checkpoint import load_checkpoint
 from streamtrain.train.config import COMPILE_MAX_SHAPES, OptimConfig
 from streamtrain.train.run import run_fit
-from streamtrain.train.optim import lr_at
+from streamtrain.train.schedule import lr_at
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def test_a_time_limit_hit_before_the_horizon_probe_leaves_the_schedule_free_on_r
 
 
 def test_the_default_max_shapes_is_fixed_in_the_run_config():
-    from streamtrain.train.config import resolve_config
     from streamtrain.data import ShardStream
+    from streamtrain.train.config import resolve_config
     from streamtrain.train.run import _with_max_shapes
 
     loader_default = ShardStream.__init__.__kwdefaults__["max_shapes"]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_dataset
+
 from streamtrain.train.checkpoint import load_checkpoint
 from streamtrain.train.config import resolve_config
 from streamtrain.train.dataprep import prepare_data
@@ -327,9 +327,9 @@ def test_fit_with_max_seconds_shows_time_progress(tmp_path, dataset):
 def _poison_steps(monkeypatch, steps):
     """Make the training loss NaN (and with it every gradient) at the given 1-based optimizer steps: with
     --grad-accum 1 the loss is computed once per step."""
-    import streamtrain.train.trainer as train_module
+    import streamtrain.train.step as step_module
 
-    real = train_module.masked_sq_error
+    real = step_module.masked_sq_error
     calls = {"n": 0}
 
     def poisoned(pred, x_std, mask):
@@ -337,7 +337,7 @@ def _poison_steps(monkeypatch, steps):
         loss = real(pred, x_std, mask)
         return loss * float("nan") if calls["n"] in steps else loss
 
-    monkeypatch.setattr(train_module, "masked_sq_error", poisoned)
+    monkeypatch.setattr(step_module, "masked_sq_error", poisoned)
 
 
 def _adam_updates(ckpt):

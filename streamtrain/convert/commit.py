@@ -1,24 +1,6 @@
 """The dataset folder and the crash-safe commit of a convert run: the output folder check, leftovers of
 earlier runs, moving new shards in, the lengths file, the reuse manifest, rejects.jsonl, and index.json
 written last.
-
-Commit protocol: the one every dataset writer follows (`streamtrain.dataset.commit`), with the reuse
-manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step 4:
-  1. take `DIR/.convert.lock`: one writer at a time; delete leftovers of a crashed run
-     (`DIR/.staging-*`, files that the current index.json does not name);
-  2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
-  3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
-     the current index names is ever overwritten; fsync the folder;
-  4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
-     `rejects.jsonl` into the staging folder;
-  5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
-     `rejects.jsonl` in (or delete the old one when nothing was rejected);
-  6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
-A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
-next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
-content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
-failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
-it was.
 """
 
 from __future__ import annotations
@@ -87,6 +69,25 @@ def _write(path: Path, data: bytes) -> None:
 
 def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
             num_ignored, src_list, staging, token, t0, workers, progress) -> ConvertResult:
+    """
+    Commit protocol: the one every dataset writer follows (`streamtrain.dataset.commit`), with the reuse
+    manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step 4:
+      1. take `DIR/.convert.lock`: one writer at a time; delete leftovers of a crashed run
+         (`DIR/.staging-*`, files that the current index.json does not name);
+      2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
+      3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
+         the current index names is ever overwritten; fsync the folder;
+      4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
+         `rejects.jsonl` into the staging folder;
+      5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
+         `rejects.jsonl` in (or delete the old one when nothing was rejected);
+      6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
+    A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
+    next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
+    content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
+    failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
+    it was.
+    """
     build_set = set(build)
     shards: list[dataset.ShardInfo] = []
     lengths_parts, rejects, manifest_groups = [], [], []

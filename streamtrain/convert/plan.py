@@ -1,19 +1,5 @@
 """Work planning: which input bytes go into which shard (groups), how groups are cut for statistics and
 parallel tasks (partials), and which groups a previous run already built (the reuse manifest).
-
-Work units. Input files, in sorted path order, are grouped into *groups* of about `shard_bytes` of input text
-(a file larger than that is split into several groups at line boundaries); each group becomes one shard and is
-the unit of reuse. Group boundaries depend only on file sizes and paths (plus a content-defined cut rule on
-the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
-*partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
-order, so the result is bit-identical whether a group is converted by one task or partial by partial in
-parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
-in the staging folder) and then merged into the same shard.
-
-Reuse. A group's key hashes the conversion settings and the (path, size, mtime, inode, ctime, byte span)
-of its inputs; the
-manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
-rejects, so an unchanged group is taken over without parsing it again.
 """
 
 from __future__ import annotations
@@ -37,6 +23,20 @@ from streamtrain.convert.sources import (
     reading_input,
 )
 from streamtrain.errors import DataError, UserError
+
+# Work units. Input files, in sorted path order, are grouped into *groups* of about `shard_bytes` of input text
+# (a file larger than that is split into several groups at line boundaries); each group becomes one shard and is
+# the unit of reuse. Group boundaries depend only on file sizes and paths (plus a content-defined cut rule on
+# the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
+# *partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
+# order, so the result is bit-identical whether a group is converted by one task or partial by partial in
+# parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
+# in the staging folder) and then merged into the same shard.
+#
+# Reuse. A group's key hashes the conversion settings and the (path, size, mtime, inode, ctime, byte span)
+# of its inputs; the
+# manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
+# rejects, so an unchanged group is taken over without parsing it again.
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "Segment", "MIN_PARTIAL_BYTES", "load_previous", "plan_groups",

@@ -1,19 +1,6 @@
 """`ShardStream`: an IterableDataset of length-bucketed, padded batches for one rank, with a position for
 exact resume. The order and the remainder policy are described here; the Loader that moves the position,
 and the DataLoader workers, in `loader`.
-
-Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
-are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
-BATCHES_PER_MESSAGE consecutive batches (block j of an iteration to worker j % W).
-
-Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
-the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
-`drop_last=True` drops the last num_batches % world_size. With world_size 1 every item (a sequence, or
-each window of a long one) is yielded exactly once per epoch.
-
-Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard
-against index.json, hashing only file versions not verified before (`checksums.verify_files`); every
-process that then maps a shard checks the version it mapped (`checksums.check_mapped`).
 """
 
 from __future__ import annotations
@@ -65,6 +52,19 @@ class ShardStream(IterableDataset):
     Only index.json and lengths.npy are read here (and, with verify, every shard hashed whose file version
     was not verified before); shards are memory-mapped lazily in the process that iterates, so the object
     pickles small into DataLoader workers.
+
+    Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
+    are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
+    BATCHES_PER_MESSAGE consecutive batches (block j of an iteration to worker j % W).
+
+    Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
+    the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
+    `drop_last=True` drops the last num_batches % world_size. With world_size 1 every item (a sequence, or
+    each window of a long one) is yielded exactly once per epoch.
+
+    Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard
+    against index.json, hashing only file versions not verified before (`checksums.verify_files`); every
+    process that then maps a shard checks the version it mapped (`checksums.check_mapped`).
     """
 
     def __init__(

@@ -1,25 +1,5 @@
-"""Hand-over from DataLoader workers: `BatchRing`, shared-memory slots through which DataLoader workers hand padded batches to the main process.
-
-Handing a batch over as tensors costs a shared-memory segment per tensor per batch (create, map, send its
-file descriptor, unlink), several times what it costs to copy the batch once more.
-A ring is allocated once, in the main process, before the workers start (they inherit it, or receive it
-pickled with the dataset): one region per worker of `slots_per_worker` slots, each large enough for the
-largest batch. A worker writes a batch straight into a free slot of its region and sends only small
-metadata; the main process copies the slot out (into a fresh, or pinned, tensor, so users may keep
-batches) and releases it.
-
-Slot states live in a shared int64 array: 0 is free, anything else is the sequence number of the batch
-in it (a worker numbers its batches 1, 2, ...). Only the owning worker claims slots of its region and only
-the main process releases them, and a release is ignored unless the slot still holds that batch, so a
-late release of a batch from an abandoned iteration cannot free a slot that holds a newer one.
-A worker frees its whole region when it starts an iteration: a persistent worker restarted by DataLoader
-has had every batch of its previous iteration consumed or discarded by then.
-
-The owner sizes the regions so that a worker does not run out of slots in steady state (DataLoader keeps
-at most `prefetch_factor` items per worker between the worker and the consumer). Should a worker find
-none free (at the end of an epoch DataLoader may hand one worker more), it waits: the main process frees
-that worker's slots in order as it consumes its batches, so the wait ends, or it stops waiting and ends
-its iteration once the main process has started another iteration (`generation`) or has gone away.
+"""Hand-over from DataLoader workers: `BatchRing`, shared-memory slots into which workers write padded
+batches, and the small `SlotBatch` / `SlotGroup` messages that tell the main process where they are.
 """
 
 from __future__ import annotations
@@ -52,7 +32,29 @@ def shared_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class BatchRing:
-    """`num_workers` regions of `slots_per_worker` slots of `slot_floats` float32 each, in shared memory."""
+    """`num_workers` regions of `slots_per_worker` slots of `slot_floats` float32 each, in shared memory.
+
+    Handing a batch over as tensors costs a shared-memory segment per tensor per batch (create, map, send its
+    file descriptor, unlink), several times what it costs to copy the batch once more.
+    A ring is allocated once, in the main process, before the workers start (they inherit it, or receive it
+    pickled with the dataset): one region per worker of `slots_per_worker` slots, each large enough for the
+    largest batch. A worker writes a batch straight into a free slot of its region and sends only small
+    metadata; the main process copies the slot out (into a fresh, or pinned, tensor, so users may keep
+    batches) and releases it.
+
+    Slot states live in a shared int64 array: 0 is free, anything else is the sequence number of the batch
+    in it (a worker numbers its batches 1, 2, ...). Only the owning worker claims slots of its region and only
+    the main process releases them, and a release is ignored unless the slot still holds that batch, so a
+    late release of a batch from an abandoned iteration cannot free a slot that holds a newer one.
+    A worker frees its whole region when it starts an iteration: a persistent worker restarted by DataLoader
+    has had every batch of its previous iteration consumed or discarded by then.
+
+    The owner sizes the regions so that a worker does not run out of slots in steady state (DataLoader keeps
+    at most `prefetch_factor` items per worker between the worker and the consumer). Should a worker find
+    none free (at the end of an epoch DataLoader may hand one worker more), it waits: the main process frees
+    that worker's slots in order as it consumes its batches, so the wait ends, or it stops waiting and ends
+    its iteration once the main process has started another iteration (`generation`) or has gone away.
+    """
 
     def __init__(self, num_workers: int, slots_per_worker: int, slot_floats: int):
         if not (num_workers > 0 and slots_per_worker > 0 and slot_floats > 0):

@@ -1,29 +1,4 @@
-"""Checksums of the files a process maps, hashed once per file version.
-
-`fit` and `eval` must not use a byte that differs from what index.json says (sha256, size), in any process
-that maps a shard: the main process and every DataLoader worker. Hashing every file in every process costs
-more than loading it (sha256 runs ~1.7 GB/s per core, the in-process loader copies ~4 GB/s of token bytes,
-and with 2 workers each worker maps every shard), so a file is hashed once per *version*, and that version
-is remembered:
-
-* A version is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), from fstat on the open file that is
-  hashed or mapped. Any write to the file moves its ctime, which no call can set back, and replacing it
-  gives a new inode, so a remembered version never covers bytes written after it was hashed.
-* A version is remembered in this process (forked DataLoader workers inherit it) and in a per-user record
-  cache shared by every process and run: `cache_dir()`/verified/, one small file per (device, inode),
-  replaced atomically. A missing, unreadable or odd record only means hashing again.
-* A version whose ctime is not yet older than the filesystem's timestamp granularity is not remembered: a
-  write within the same clock tick would leave ctime as it is.
-
-Where the hashing happens: `verify_files`, called by ShardStream when it is built (in the main process,
-before any worker starts), hashes every file without a record on a thread per core (hashlib releases the
-GIL). The workers, the next epoch's fresh workers and later runs then pay one fstat and a record lookup per
-file. Every process still checks each file it maps (`check_mapped`): a version that was not verified (the
-file changed since) is hashed from the map itself before any row of it is used. Hashing in the background
-while loading would hide little: a shuffled, length-bucketed batch takes rows from many shards, so the
-first batches already need most of them (benchmarks/bench_loader.py prints how many; there too the
-cost of verifying cold, warm and not at all, and of hashing per process at first map instead).
-"""
+"""Checksums of the files a process maps, hashed once per file version."""
 
 from __future__ import annotations
 
@@ -42,6 +17,30 @@ from streamtrain.dataset.index import Index, parse_lengths
 from streamtrain.dataset.io import map_file
 from streamtrain.errors import DataError
 from streamtrain.user_cache import cache_dir
+
+# `fit` and `eval` must not use a byte that differs from what index.json says (sha256, size), in any process
+# that maps a shard: the main process and every DataLoader worker. Hashing every file in every process costs
+# more than loading it (sha256 runs ~1.7 GB/s per core, the in-process loader copies ~4 GB/s of token bytes,
+# and with 2 workers each worker maps every shard), so a file is hashed once per *version*, and that version
+# is remembered:
+#
+# * A version is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), from fstat on the open file that is
+#   hashed or mapped. Any write to the file moves its ctime, which no call can set back, and replacing it
+#   gives a new inode, so a remembered version never covers bytes written after it was hashed.
+# * A version is remembered in this process (forked DataLoader workers inherit it) and in a per-user record
+#   cache shared by every process and run: `cache_dir()`/verified/, one small file per (device, inode),
+#   replaced atomically. A missing, unreadable or odd record only means hashing again.
+# * A version whose ctime is not yet older than the filesystem's timestamp granularity is not remembered: a
+#   write within the same clock tick would leave ctime as it is.
+#
+# Where the hashing happens: `verify_files`, called by ShardStream when it is built (in the main process,
+# before any worker starts), hashes every file without a record on a thread per core (hashlib releases the
+# GIL). The workers, the next epoch's fresh workers and later runs then pay one fstat and a record lookup per
+# file. Every process still checks each file it maps (`check_mapped`): a version that was not verified (the
+# file changed since) is hashed from the map itself before any row of it is used. Hashing in the background
+# while loading would hide little: a shuffled, length-bucketed batch takes rows from many shards, so the
+# first batches already need most of them (benchmarks/bench_loader.py prints how many; there too the
+# cost of verifying cold, warm and not at all, and of hashing per process at first map instead).
 
 __all__ = [
     "FileVersion",

@@ -1,6 +1,5 @@
-"""The commit protocol every writer of a dataset folder follows (`streamtrain convert`, DatasetWriter).
-
-An earlier complete dataset in DIR stays usable at every instant:
+"""The commit protocol of every writer of a dataset folder (convert, DatasetWriter); the old dataset
+stays usable at every instant:
   1. take DIR/.convert.lock (`DatasetLock`): one writer at a time; delete what a crashed writer left
      (`collect_leftovers` with the current index);
   2. write every new shard into a staging folder DIR/.staging-<token>/ (`staging_folder`);
@@ -8,7 +7,7 @@ An earlier complete dataset in DIR stays usable at every instant:
   4. write the side files (the lengths file under a name the current index does not name) atomically;
   5. write index.json atomically (`write_index`): the single commit point;
   6. delete what the new index no longer names, and the staging folder (`collect_leftovers`).
-A crash before 5 leaves the old index and every file it names untouched; a crash after 5 leaves the new one.
+A crash before 5 leaves the old dataset untouched; a crash after 5 leaves the new one complete.
 """
 
 from __future__ import annotations

@@ -1,17 +1,4 @@
-"""Evaluation of next-vector prediction against two baselines, accumulated in float64 over valid targets only.
-
-For every position t with t + 1 < length, the target is x[t+1] (original units) and the predictions are
-    model        the Transformer's output at t, un-standardized with the checkpoint's mean/std
-    persistence  x[t]: "the next vector equals the current one"
-    mean         the per-dimension mean of the evaluated dataset (index.json), so mean_mse is the targets'
-                 variance and skill_vs_mean is the coefficient of determination R^2
-Skill scores are 1 - mse / baseline_mse: 0 means no better than the baseline, 1 a perfect prediction.
-
-With `onehot=(start, end)` (a group of fields that one-hot encodes a class, such as the opcode class of an
-instruction vector), the report also gives top-1 accuracy of argmax over those fields for the model, for
-"same class as the previous vector", and for the training set's most frequent class (the argmax of the
-training mean over the group, which for one-hot fields is the class frequency).
-"""
+"""Evaluation of next-vector prediction against two baselines, accumulated in float64 over valid targets only."""
 
 from __future__ import annotations
 
@@ -116,7 +103,20 @@ def accumulate_eval(
 
 def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
     """The eval report: MSE in original units, both baselines, skill scores, per-dimension MSE, counts, and
-    with `onehot`, top-1 accuracies of that field group."""
+    with `onehot`, top-1 accuracies of that field group.
+
+    For every position t with t + 1 < length, the target is x[t+1] (original units) and the predictions are
+        model        the Transformer's output at t, un-standardized with the checkpoint's mean/std
+        persistence  x[t]: "the next vector equals the current one"
+        mean         the per-dimension mean of the evaluated dataset (index.json), so mean_mse is the targets'
+                     variance and skill_vs_mean is the coefficient of determination R^2
+    Skill scores are 1 - mse / baseline_mse: 0 means no better than the baseline, 1 a perfect prediction.
+
+    With `onehot=(start, end)` (a group of fields that one-hot encodes a class, such as the opcode class of an
+    instruction vector), the report also gives top-1 accuracy of argmax over those fields for the model, for
+    "same class as the previous vector", and for the training set's most frequent class (the argmax of the
+    training mean over the group, which for one-hot fields is the class frequency).
+    """
     num_targets = int(sums.counts[0].item())
     denom = max(num_targets, 1)
     per_dim = (sums.model / denom).cpu().numpy()

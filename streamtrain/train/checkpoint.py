@@ -1,32 +1,4 @@
-"""Checkpoints: atomic save and load of everything an exact resume needs.
-
-A checkpoint is one `torch.save` dict::
-
-    format_version   CHECKPOINT_VERSION
-    model            state_dict with the uncompiled, unwrapped parameter names
-    optimizer        AdamW state_dict
-    scaler           GradScaler state_dict (empty unless fp16)
-    precision        amp.Precision.record(): the precision trained in, how it was chosen and, for --amp on a
-                     CPU, what the probe measured; a resumed --amp run keeps it instead of probing again
-                     (absent before the probe: a resumed run then chooses anew)
-    scheduler        {"kind": "warmup_cosine", "decay_steps": N, "warmup_steps": W, "estimated": bool}: the
-                     rate is a pure function of step, N and W; "estimated" is True once --max-seconds has
-                     fitted N to the measured step time, so a resumed run keeps that horizon
-    step, epoch      optimizer steps done; epoch in progress
-    loader           the training loader's state_dict (continues exactly where it stopped)
-    rng              python, numpy, torch cpu and cuda generator states (of rank 0)
-    rng_by_rank      under DDP: the same for every rank, in rank order (each rank has its own dropout stream)
-    config           RunConfig.to_json()
-    stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
-    best_val_loss    best validation loss (standardized MSE) so far, or None
-    skipped_steps    steps whose update --nonfinite skip dropped (absent before that flag: 0)
-    num_params       parameter count of the model
-
-It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a
-checkpoint never runs code from the file. It is written to a temp file next to it (`.last.pt.*.tmp`) and
-renamed over it: a crash leaves the previous checkpoint and at most a temp file, which is never loaded and
-which `remove_temp_files` deletes when the next run starts.
-"""
+"""Checkpoints: atomic save and load of everything an exact resume needs."""
 
 from __future__ import annotations
 
@@ -100,7 +72,35 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """torch.save through `format.atomic_write_with` (temp file, fsync, rename, folder fsync): a crash or a
     failing save at any point leaves the previous checkpoint intact and loadable. A full disk is a
-    UserError naming the checkpoint."""
+    UserError naming the checkpoint.
+
+    A checkpoint is one `torch.save` dict::
+
+        format_version   CHECKPOINT_VERSION
+        model            state_dict with the uncompiled, unwrapped parameter names
+        optimizer        AdamW state_dict
+        scaler           GradScaler state_dict (empty unless fp16)
+        precision        amp.Precision.record(): the precision trained in, how it was chosen and, for --amp on a
+                         CPU, what the probe measured; a resumed --amp run keeps it instead of probing again
+                         (absent before the probe: a resumed run then chooses anew)
+        scheduler        {"kind": "warmup_cosine", "decay_steps": N, "warmup_steps": W, "estimated": bool}: the
+                         rate is a pure function of step, N and W; "estimated" is True once --max-seconds has
+                         fitted N to the measured step time, so a resumed run keeps that horizon
+        step, epoch      optimizer steps done; epoch in progress
+        loader           the training loader's state_dict (continues exactly where it stopped)
+        rng              python, numpy, torch cpu and cuda generator states (of rank 0)
+        rng_by_rank      under DDP: the same for every rank, in rank order (each rank has its own dropout stream)
+        config           RunConfig.to_json()
+        stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
+        best_val_loss    best validation loss (standardized MSE) so far, or None
+        skipped_steps    steps whose update --nonfinite skip dropped (absent before that flag: 0)
+        num_params       parameter count of the model
+
+    It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a
+    checkpoint never runs code from the file. It is written to a temp file next to it (`.last.pt.*.tmp`) and
+    renamed over it: a crash leaves the previous checkpoint and at most a temp file, which is never loaded and
+    which `remove_temp_files` deletes when the next run starts.
+    """
     path = Path(path)
     payload = {"format_version": CHECKPOINT_VERSION, **checkpoint}
 

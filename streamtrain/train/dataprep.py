@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
 from streamtrain.train.config import RunConfig, parse_synthetic
 
-__all__ = ["TrainData", "prepare_data", "resolve_dataset"]
+__all__ = ["TrainData", "prepare_data", "resolve_dataset", "make_stream_and_loader"]
 
 SYNTHETIC_DIM = 28
 
@@ -105,3 +106,32 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
             )
         val_root, val_index = train_root, index
     return TrainData(Path(train_root), train_ids, val_root, val_ids, index, val_index)
+
+
+def make_stream_and_loader(cfg: RunConfig, root: Path, ids: np.ndarray | None, shuffle: bool, rank: int,
+                           world_size: int, device, max_shapes: int | None = None):
+    """The ShardStream of `root` (restricted to `ids`) with the run's batching flags, and its loader (no
+    workers on a CPU, where the model's threads use every core; 2 on CUDA, with pinned memory)."""
+    from streamtrain.data import ShardStream, bucketing, make_loader
+
+    d = cfg.data
+    kwargs: dict[str, Any] = {"max_tokens": d.batch_tokens, "seed": cfg.train.seed, "shuffle": shuffle,
+                              "rank": rank, "world_size": world_size, "verify": d.verify}
+    if d.batch is not None:
+        kwargs["max_sequences"] = d.batch
+    if d.max_len is not None:
+        longest = bucketing.longest_row(d.batch_tokens, bucketing.DEFAULT_PAD_MULTIPLE)
+        if d.max_len > longest:
+            raise UserError(
+                f"--max-len {d.max_len} does not fit a micro-batch: --batch-tokens {d.batch_tokens} holds rows "
+                f"of at most {longest} vectors (a multiple of {bucketing.DEFAULT_PAD_MULTIPLE}); lower --max-len "
+                "or raise --batch-tokens"
+            )
+        kwargs["max_len"] = d.max_len
+    if ids is not None:
+        kwargs["ids"] = ids
+    if max_shapes is not None:
+        kwargs["max_shapes"] = max_shapes
+    stream = ShardStream(str(root), **kwargs)
+    num_workers = d.num_workers if d.num_workers is not None else (0 if device.type == "cpu" else 2)
+    return stream, make_loader(stream, num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -22,6 +22,7 @@ from streamtrain.errors import UserError
 
 __all__ = [
     "DistInfo",
+    "rank_seed",
     "StepControl",
     "setup_distributed",
     "exchange_step_control",
@@ -114,3 +115,11 @@ def all_gather_objects(info: DistInfo, obj) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """Seed of rank `rank`'s per-sample randomness (dropout): a pure function of (--seed, rank, ...), distinct
+    for every rank and from the stream --seed itself starts (which initialised the model)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, np.uint64)[0])

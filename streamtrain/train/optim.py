@@ -1,14 +1,12 @@
-"""AdamW with decay only on matrices, and the warmup + cosine learning-rate schedule (a pure function of step)."""
+"""AdamW with decay only on matrices (fused where torch has it), and setting its learning rate."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from streamtrain.train.config import OptimConfig
 
-__all__ = ["build_optimizer", "default_warmup_steps", "lr_at", "set_lr"]
+__all__ = ["build_optimizer", "set_lr"]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
@@ -25,25 +23,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-
-def default_warmup_steps(decay_steps: int) -> int:
-    """The warmup when --warmup-steps is not given: a tenth of the schedule, at most 100 steps."""
-    return min(100, decay_steps // 10)
-
-
-def lr_at(step: int, cfg: OptimConfig, total_steps: int, warmup_steps: int | None = None) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr over `warmup_steps`
-    (default cfg.warmup_steps), then cosine decay to cfg.lr * cfg.min_lr_fraction at `total_steps`."""
-    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
-    if warmup is None:
-        warmup = default_warmup_steps(total_steps)
-    if warmup > 0 and step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    min_lr = cfg.lr * cfg.min_lr_fraction
-    span = max(1, total_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

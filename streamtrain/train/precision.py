@@ -1,18 +1,4 @@
-"""Numeric precision: which dtype to compute in, and the one autocast + GradScaler code path that uses it.
-
-`--amp` on CUDA: bf16 autocast where the GPU supports it, else fp16 with a GradScaler. `--amp` on a CPU is
-measured: whether bf16 autocast beats fp32 there depends on the CPU (native bf16 dot products or emulation
-through fp32), the model's widths and the batch shapes (at small widths the casts cost more than the
-matmuls save), so no rule of thumb holds. A short probe times forward + backward of a copy of the model in
-fp32 and in bf16 at the run's most frequent batch shapes, alternating the two, and bf16 is taken only when
-it is faster by more than the measurement noise: `--amp` is then never slower than fp32. fp16 on a CPU is
-emulated and never a candidate. The result is cached per machine, torch, thread count, model and shapes
-(`user_cache.cache_dir()`/precision/), so a second run of the same config does not probe again.
-
-`choose_precision` and `decide_cpu_precision` are pure functions (of what the hardware offers, of measured
-timings), so every branch is testable on any machine; `Precision.autocast()` and `Precision.scaler` are
-used the same way whatever was chosen (the scaler is a no-op unless fp16, autocast is a no-op for fp32).
-"""
+"""Numeric precision: which dtype to compute in, and the one autocast + GradScaler code path that uses it."""
 
 from __future__ import annotations
 
@@ -27,6 +13,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+# `--amp` on CUDA: bf16 autocast where the GPU supports it, else fp16 with a GradScaler. `--amp` on a CPU is
+# measured: whether bf16 autocast beats fp32 there depends on the CPU (native bf16 dot products or emulation
+# through fp32), the model's widths and the batch shapes (at small widths the casts cost more than the
+# matmuls save), so no rule of thumb holds. A short probe times forward + backward of a copy of the model in
+# fp32 and in bf16 at the run's most frequent batch shapes, alternating the two, and bf16 is taken only when
+# it is faster by more than the measurement noise: `--amp` is then never slower than fp32. fp16 on a CPU is
+# emulated and never a candidate. The result is cached per machine, torch, thread count, model and shapes
+# (`user_cache.cache_dir()`/precision/), so a second run of the same config does not probe again.
+#
+# `choose_precision` and `decide_cpu_precision` are pure functions (of what the hardware offers, of measured
+# timings), so every branch is testable on any machine; `Precision.autocast()` and `Precision.scaler` are
+# used the same way whatever was chosen (the scaler is a no-op unless fp16, autocast is a no-op for fp32).
 
 __all__ = [
     "Precision",
