@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from corpus import asm_corpus  # benchmarks/corpus.py
 
 DIM = 28

@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from corpus import KINDS, build_dataset, lognormal_lengths  # benchmarks/corpus.py
-from streamtrain.data import ShardStream, make_loader
-from streamtrain.data import bucketing, checksums
+
+from streamtrain.data import ShardStream, bucketing, checksums, make_loader
 from streamtrain.data import stream as stream_module
-from streamtrain.format import read_index
 from streamtrain.data.reader import ShardReader
+from streamtrain.dataset import read_index
 
 
 def memcpy_tokens_per_s(dim: int, buffer_bytes: int = 256 << 20, repeats: int = 5) -> tuple[float, float]:
@@ -107,7 +106,7 @@ def bench_tensor_handover(root: Path, max_tokens: int, num_workers: int, repeats
     def run(r):
         ds = ShardStream(root, max_tokens=max_tokens, seed=0)
         ds.set_epoch(r)
-        ds._publish_position()
+        ds.publish_position()
         for batch in DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4):
             yield batch.x, batch.lengths
 

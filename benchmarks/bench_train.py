@@ -41,15 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-
 from corpus import KINDS, build_dataset  # benchmarks/corpus.py
-from streamtrain.checkpoint import unwrap_model
-from streamtrain.config import resolve_config
-from streamtrain.dataprep import prepare_data
-from streamtrain.format import load_lengths, open_shard, read_index
-from streamtrain.metrics import measure_matmul_peak_tflops
-from streamtrain.model import sinusoidal_positions
-from streamtrain.train import Trainer
+
+from streamtrain.dataset import load_lengths, open_shard, read_index
+from streamtrain.model.transformer import sinusoidal_positions
+from streamtrain.telemetry import measure_matmul_peak_tflops
+from streamtrain.train.checkpoint import unwrap_model
+from streamtrain.train.config import resolve_config
+from streamtrain.train.dataprep import prepare_data
+from streamtrain.train.trainer import Trainer
 
 D_MODEL, LAYERS, HEADS, FF = 128, 4, 4, 512
 

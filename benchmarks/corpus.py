@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tools/ is a package of the repository root; scripts start in benchmarks/
     sys.path.insert(0, str(ROOT))
 
-from streamtrain.format import DatasetWriter  # noqa: E402
+from streamtrain.dataset import DatasetWriter  # noqa: E402
 from tools import asm_corpus  # noqa: E402
 
 KINDS = ("auto", "real", "synthetic")

@@ -8,7 +8,7 @@ import pytest
 def checksum_cache(tmp_path_factory, monkeypatch):
     """Verification records of every test in a folder of its own (never the home folder), and nothing
     remembered in this process from an earlier test. Returns the folder."""
-    from streamtrain.data import checksums
+    from streamtrain.dataset import checksums
 
     folder = tmp_path_factory.mktemp("checksum-cache")
     monkeypatch.setenv("STREAMTRAIN_CACHE_DIR", str(folder))
@@ -39,12 +39,12 @@ def deterministic_rng():
 
 def write_dataset(root, sequences, dim=None, shard_bytes=64 << 20):
     """Write `sequences` (list of (T, D) arrays) as a dataset in `root` and return its Index."""
-    from streamtrain.format import DatasetWriter
+    from streamtrain.dataset import DatasetWriter
 
     dim = dim or sequences[0].shape[1]
     with DatasetWriter(root, dim=dim, shard_bytes=shard_bytes) as w:
         for i, s in enumerate(sequences):
             w.add(s, path="mem.jsonl", line=i + 1)
-    from streamtrain.format import read_index
+    from streamtrain.dataset import read_index
 
     return read_index(root)

@@ -10,7 +10,15 @@ import os
 import shutil
 
 import pytest
-from asm_corpus_support import SMALL_BINARIES, ac, digest, needs_corpus, needs_objdump, read_records, tree_bytes
+from asm_corpus_support import (
+    SMALL_BINARIES,
+    ac,
+    digest,
+    needs_corpus,
+    needs_objdump,
+    read_records,
+    tree_bytes,
+)
 
 from tools.asm_corpus.build import length_quantiles
 

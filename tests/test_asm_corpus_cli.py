@@ -7,7 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from asm_corpus_support import HAVE_CORPUS, ROOT, SMALL_BINARIES, ac, needs_corpus, read_records
+from asm_corpus_support import (
+    HAVE_CORPUS,
+    ROOT,
+    SMALL_BINARIES,
+    ac,
+    needs_corpus,
+    read_records,
+)
 
 
 def _one_line_error(capsys) -> str:

@@ -7,7 +7,15 @@ import math
 
 import numpy as np
 import pytest
-from asm_corpus_support import DECODERS, SMALL_BINARIES, ac, iced, needs_corpus, needs_iced, needs_objdump
+from asm_corpus_support import (
+    DECODERS,
+    SMALL_BINARIES,
+    ac,
+    iced,
+    needs_corpus,
+    needs_iced,
+    needs_objdump,
+)
 
 from tools.asm_corpus import elf
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from asm_corpus_support import SMALL_BINARIES, ac, digest, needs_corpus, read_records, tree_bytes
+from asm_corpus_support import (
+    SMALL_BINARIES,
+    ac,
+    digest,
+    needs_corpus,
+    read_records,
+    tree_bytes,
+)
 
 from tools.asm_corpus.split import SplitAssigner, holdout_targets
 

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import write_dataset
+
 from streamtrain.cli import main
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--ff", "64", "--num-workers", "0"]
@@ -42,9 +42,9 @@ def _reference_eval(checkpoint_path, seqs, context):
     window by one (window k starts at k * (context - 1)), encoded at their positions in the sequence."""
     import torch
 
-    from streamtrain.checkpoint import load_checkpoint
-    from streamtrain.config import ModelConfig
-    from streamtrain.model import CausalTransformer
+    from streamtrain.model import ModelConfig
+    from streamtrain.model.transformer import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path)
     model = CausalTransformer(ModelConfig(**ckpt["config"]["model"]))
@@ -94,7 +94,7 @@ def test_synthetic_fit_writes_the_run_folder_then_eval_reports(tmp_path, capsys)
             "num_sequences", "num_tokens", "num_targets"} <= set(report)
     assert report["num_sequences"] == 41 and report["num_tokens"] == 41 * 24 and report["num_targets"] == 41 * 23
     assert len(report["per_dim_mse"]) == 28
-    from streamtrain.synthetic import synthetic_sequences
+    from streamtrain.dataset.synthetic import synthetic_sequences
 
     ref = _reference_eval(run / "checkpoints/best.pt", list(synthetic_sequences(41, 24, dim=28, seed=0)), context=256)
     for key in ("mse", "persistence_mse", "mean_mse"):
@@ -161,10 +161,10 @@ def test_eval_windows_at_the_training_context(tmp_path, capsys, train_flags, con
 def test_eval_onehot_accuracy_matches_a_reference(tmp_path, capsys):
     import torch
 
-    from streamtrain.checkpoint import load_checkpoint
-    from streamtrain.config import ModelConfig
-    from streamtrain.evaluate import standardization
-    from streamtrain.model import CausalTransformer
+    from streamtrain.data.batch import standardization
+    from streamtrain.model import ModelConfig
+    from streamtrain.model.transformer import CausalTransformer
+    from streamtrain.train.checkpoint import load_checkpoint
 
     rng = np.random.default_rng(5)
     seqs = []
@@ -323,13 +323,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "SIGTERM" in err and "--resume" in err
-    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints/last.pt")["step"] >= 1
 
 
 def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
-    from streamtrain.format import read_index
+    from streamtrain.dataset import read_index
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -360,7 +360,7 @@ def test_fit_on_a_raw_json_folder_converts_once_into_a_cache(tmp_path, capsys):
 
 
 def _float_flags():
-    from test_config import FLOAT_FIELDS
+    from test_train_config import FLOAT_FIELDS
 
     return ["--" + name.replace("_", "-") for _, name in FLOAT_FIELDS]
 
@@ -417,7 +417,7 @@ def small_disk(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, small_disk):
-    from streamtrain.checkpoint import load_checkpoint
+    from streamtrain.train.checkpoint import load_checkpoint
 
     data = tmp_path / "data"
     write_dataset(data, _sequences(23))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from streamtrain import convert as cv
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.errors import DataError, UserError
 
 DIM = 28
@@ -49,10 +49,10 @@ def _expected(vectors: list[list[str]]) -> np.ndarray:
 
 
 def _read_dataset(root) -> list[tuple[str, int, np.ndarray]]:
-    index = fmt.read_index(root)
+    index = dataset.read_index(root)
     rows = []
     for s in index.shards:
-        t = fmt.open_shard(Path(root) / s.file)
+        t = dataset.open_shard(Path(root) / s.file)
         for seq, path, line in zip(t.column("sequence").to_pylist(), t.column("path").to_pylist(), t.column("line").to_pylist()):
             rows.append((path, line, np.array(seq, dtype=np.float32)))
     return rows
@@ -177,8 +177,8 @@ def test_round_trip_mixed_corpus(tmp_path, backend):
     result = cv.convert([tmp_path / "src"], tmp_path / "out", workers=1)
     _check_matches(tmp_path / "out", expected)
     assert result.num_sequences == len(expected) == result.num_records
-    index = fmt.read_index(tmp_path / "out")
-    assert fmt.verify_dataset(index) == []
+    index = dataset.read_index(tmp_path / "out")
+    assert dataset.verify_dataset(index) == []
     all_values = np.concatenate([a for _, _, a in _read_dataset(tmp_path / "out")]).astype(np.float64)
     np.testing.assert_allclose(index.mean, all_values.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(index.std, all_values.std(0), rtol=1e-9, atol=1e-12)
@@ -415,7 +415,7 @@ def test_each_rejection_class_in_both_modes(tmp_path, kind, backend):
     rejects = [json.loads(x) for x in (tmp_path / "skip" / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["path"] == str(src) and rejects[0]["line"] == 3
     assert reason in rejects[0]["reason"]
-    index = fmt.read_index(tmp_path / "skip")
+    index = dataset.read_index(tmp_path / "skip")
     assert index.num_rejected == 1 and index.extra["num_records"] == 4
     assert [ln for _, ln, _ in _read_dataset(tmp_path / "skip")] == [1, 2, 4]
 
@@ -531,7 +531,7 @@ def test_many_rejects_counts_reconcile_with_workers(tmp_path):
 
 
 def _shard_digests(root) -> list[str]:
-    return [s.sha256 for s in fmt.read_index(root).shards]
+    return [s.sha256 for s in dataset.read_index(root).shards]
 
 
 def test_same_bytes_for_any_worker_count_and_split(tmp_path, backend):
@@ -541,7 +541,7 @@ def test_same_bytes_for_any_worker_count_and_split(tmp_path, backend):
         out = tmp_path / f"out-{workers}-{shard_mb}"
         cv.convert([tmp_path / "src"], out, workers=workers, shard_mb=shard_mb)
         _check_matches(out, expected)
-        index = fmt.read_index(out)
+        index = dataset.read_index(out)
         results[(workers, shard_mb)] = (_shard_digests(out), index.mean.tobytes(), index.std.tobytes(),
                                         index.lengths().tobytes())
     assert results[(1, 0.05)] == results[(2, 0.05)]
@@ -573,7 +573,7 @@ def test_rerun_reuses_everything_and_changes_rebuild_only_their_group(tmp_path):
     assert first.groups_built > 3 and first.groups_reused == 0
     again = cv.convert([src], out, workers=1, shard_mb=0.02)
     assert (again.groups_built, again.parsed_bytes) == (0, 0)
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     # A touched single-record file (same size, new mtime) is its group's only change.
     single = next(src.rglob("single-*.json"))
     os.utime(single, ns=(single.stat().st_atime_ns, single.stat().st_mtime_ns + 10**9))
@@ -593,7 +593,7 @@ def test_rerun_reuses_everything_and_changes_rebuild_only_their_group(tmp_path):
     _check_matches(out, expected)
     fresh = cv.convert([src], tmp_path / "fresh", workers=2, shard_mb=0.02, force=True)
     assert fresh.groups_built == first.groups_built
-    a, b = fmt.read_index(out), fmt.read_index(tmp_path / "fresh")
+    a, b = dataset.read_index(out), dataset.read_index(tmp_path / "fresh")
     assert _shard_digests(out) == _shard_digests(tmp_path / "fresh")
     assert a.mean.tobytes() == b.mean.tobytes() and a.std.tobytes() == b.std.tobytes()
     assert a.lengths().tobytes() == b.lengths().tobytes()
@@ -604,8 +604,8 @@ def test_rerun_reuses_everything_and_changes_rebuild_only_their_group(tmp_path):
     assert removed.num_sequences == len(expected) - 23
     assert cv.convert([src], out, workers=1, shard_mb=0.03).groups_reused == 0
     assert cv.convert([src], out, workers=1, shard_mb=0.03, force=True).groups_reused == 0
-    index = fmt.read_index(out)
-    assert fmt.verify_dataset(index) == []
+    index = dataset.read_index(out)
+    assert dataset.verify_dataset(index) == []
     # Only files the index names are left behind.
     names = {p.name for p in (out / "shards").iterdir()}
     assert names == {Path(s.file).name for s in index.shards}
@@ -665,8 +665,8 @@ def test_unreadable_index_is_an_error_and_deletes_nothing(tmp_path, damage):
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # --force rebuilds; only then are the old files (no longer named by any index) deleted.
     r = cv.convert([src], out, workers=1, shard_mb=0.01, force=True)
-    index = fmt.read_index(out)
-    assert fmt.verify_dataset(index) == [] and r.num_sequences == index.num_sequences == 4 * 9 - 9 + 1
+    index = dataset.read_index(out)
+    assert dataset.verify_dataset(index) == [] and r.num_sequences == index.num_sequences == 4 * 9 - 9 + 1
     assert {p.name for p in (out / "shards").iterdir()} == {Path(s.file).name for s in index.shards}
     assert not (out / ".staging-leftover").exists()
 
@@ -717,13 +717,13 @@ def test_killed_conversion_keeps_old_dataset_and_rerun_completes(tmp_path, hook)
         f.write_text(f.read_text().replace("1", "0", 3))
     p = _convert_subprocess(src, out, 2, hook)
     assert p.returncode == 86, p.stderr
-    index = fmt.read_index(out)
-    assert fmt.verify_dataset(index) == []
+    index = dataset.read_index(out)
+    assert dataset.verify_dataset(index) == []
     if hook.get("STREAMTRAIN_TEST_CRASH_AT") != "after-index":
         assert (out / "index.json").read_bytes() == old_index
         _check_matches(out, expected)
     r = cv.convert([src], out, workers=2, shard_mb=0.02)
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
     assert r.num_sequences == len(expected)
 
@@ -754,14 +754,14 @@ def test_sigkill_while_shards_are_staged_is_harmless(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert all(p.exists() for p in staged)  # killed while the staging folder held a shard
     # The old dataset is exactly as it was (the new files are garbage that the next run deletes).
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     assert all((out / rel).read_bytes() == data for rel, data in old.items())
     _check_matches(out, expected)
     r = cv.convert([src], out, workers=1, shard_mb=0.02)
     assert r.num_sequences == len(expected)
     _check_matches(out, expected)
     assert not list(out.glob(".staging-*"))
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
 
 
 # ---------------------------------------------------------------------------------------------------------

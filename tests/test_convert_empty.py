@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamtrain import cli
+from streamtrain import cli, dataset
 from streamtrain import convert as cv
-from streamtrain import format as fmt
 from streamtrain.errors import DataError
 
 BACKENDS = ["orjson"] + (["simdjson"] if cv.parser_backend("auto").name == "simdjson" else [])
@@ -44,7 +43,7 @@ def _rejects(out: Path) -> list[dict]:
 
 def _fingerprint(out: Path):
     """What a dataset holds, whatever the file names: shard checksums, lengths, statistics, rejects."""
-    index = fmt.read_index(out)
+    index = dataset.read_index(out)
     return ([s.sha256 for s in index.shards], index.lengths().tobytes(), index.mean.tobytes(), index.std.tobytes(),
             _rejects(out), index.extra["num_records"])
 
@@ -64,12 +63,12 @@ def test_blank_file_is_one_reject_at_line_1(tmp_path, kind, suffix, backend):
     r = cv.convert([src], tmp_path / "skip", workers=1, on_error="skip")
     assert (r.num_records, r.num_sequences, r.num_rejected) == (5, 4, 1)
     assert _rejects(tmp_path / "skip") == [{"path": str(blank), "line": 1, "reason": f"{reason}: {FAILED_EXPORT}"}]
-    assert fmt.read_index(tmp_path / "skip").extra["num_records"] == 5
+    assert dataset.read_index(tmp_path / "skip").extra["num_records"] == 5
 
     with pytest.raises(DataError) as e:
         cv.convert([src], tmp_path / "fail", workers=1)
     assert str(e.value).startswith(f"{blank}:1: {reason}: {FAILED_EXPORT}") and "\n" not in str(e.value)
-    assert not fmt.is_dataset(tmp_path / "fail")
+    assert not dataset.is_dataset(tmp_path / "fail")
 
 
 def test_a_lone_empty_file_is_named_with_exit_2(tmp_path, capsys):
@@ -137,8 +136,8 @@ def test_big_blank_files_split_into_groups_or_partials(tmp_path, shard_mb, backe
             {"path": str(src / "b-big-blank.json"), "line": 1,
              "reason": f"file holds only a UTF-8 byte-order mark and white space (600003 bytes): {FAILED_EXPORT}"},
         ]
-        index = fmt.read_index(out)
-        lines = [ln for s in index.shards for p, ln in zip(*(fmt.open_shard(out / s.file).column(c).to_pylist()
+        index = dataset.read_index(out)
+        lines = [ln for s in index.shards for p, ln in zip(*(dataset.open_shard(out / s.file).column(c).to_pylist()
                                                               for c in ("path", "line"))) if p.endswith("c-starts-blank.jsonl")]
         assert lines == list(range(400_001, 400_051))
         results.append(_fingerprint(out))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from streamtrain import convert as cv
-from streamtrain import format as fmt
+from streamtrain import dataset
 
 SHARD_MB = 0.25
 
@@ -46,20 +46,20 @@ def _corpus(src: Path, seed: int) -> None:
 
 
 def _content(out: Path):
-    index = fmt.read_index(out)
-    rejects = (out / fmt.REJECTS_FILE).read_bytes() if (out / fmt.REJECTS_FILE).exists() else b""
+    index = dataset.read_index(out)
+    rejects = (out / dataset.REJECTS_FILE).read_bytes() if (out / dataset.REJECTS_FILE).exists() else b""
     return (index.dim, [s.sha256 for s in index.shards], index.lengths().tobytes(), index.mean.tobytes(),
             index.std.tobytes(), index.num_rejected, index.extra["num_records"], rejects)
 
 
 def _no_garbage(out: Path) -> None:
-    index = fmt.read_index(out)
+    index = dataset.read_index(out)
     expected = {s.file for s in index.shards} | {index.lengths_file, index.extra["convert"]["manifest"],
-                                                  fmt.INDEX_FILE, fmt.LOCK_FILE}
+                                                  dataset.INDEX_FILE, dataset.LOCK_FILE}
     if index.num_rejected:
-        expected.add(fmt.REJECTS_FILE)
+        expected.add(dataset.REJECTS_FILE)
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == expected
-    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir()} == {fmt.SHARD_DIR}
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir()} == {dataset.SHARD_DIR}
 
 
 def _start(src: Path, out: Path, workers: int, env: dict | None = None) -> int:
@@ -102,10 +102,10 @@ def _kill(pid: int, delay_s: float) -> bool:
 def _wait_for_the_lock(out: Path, timeout_s: float = 10) -> None:
     """Wait until no process holds the folder's lock: a killed run's workers hold it until they have ended
     (they die with it, but a moment later)."""
-    if not (out / fmt.LOCK_FILE).exists():
+    if not (out / dataset.LOCK_FILE).exists():
         return
     deadline = time.monotonic() + timeout_s
-    with open(out / fmt.LOCK_FILE, "rb") as f:
+    with open(out / dataset.LOCK_FILE, "rb") as f:
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,9 +170,9 @@ def _one_fault(corpus, out: Path, workers: int, with_previous: bool, delay_s: fl
     else:
         cut = _kill(pid, delay_s)
     _wait_for_the_lock(out)
-    if fmt.is_dataset(out):
-        index = fmt.read_index(out)
-        assert fmt.verify_dataset(index) == [], (delay_s, env)
+    if dataset.is_dataset(out):
+        index = dataset.read_index(out)
+        assert dataset.verify_dataset(index) == [], (delay_s, env)
         allowed = [corpus["clean_content"]] + ([corpus["previous_content"]] if with_previous else [])
         assert _content(out)[:7] in [c[:7] for c in allowed], (delay_s, env)
     else:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from streamtrain import cli
-from streamtrain import convert as cv
-from streamtrain import format as fmt
-
 from conftest import write_dataset
+
+from streamtrain import cli, dataset
+from streamtrain import convert as cv
 
 
 class SmallDisk:
@@ -109,7 +107,7 @@ def test_convert_on_a_full_disk_names_the_file_and_keeps_the_dataset(tmp_path, s
     assert re.match(rf"streamtrain convert: error: {re.escape(str(out))}/\S+: cannot write: the disk is full "
                     r"\(No space left on device\); nothing was committed", err), err
     assert _tree(out) == before  # same index, shards, lengths, manifest and rejects; no staging left
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     print(f"full disk: {small_disk.how}")
 
 
@@ -135,14 +133,14 @@ def test_convert_names_each_file_it_cannot_write(tmp_path, monkeypatch, target, 
     _jsonl(src / "a.jsonl", 40, seed=4, bad_every=5)
     pattern, named = _CONVERT_FILES[target]
     _inject(monkeypatch, pattern, code)
-    with pytest.raises(fmt.DiskFullError) as e:
+    with pytest.raises(dataset.DiskFullError) as e:
         cv.convert([src], out, workers=1, on_error="skip", shard_mb=0.01)
     message = str(e.value)
     assert "\n" not in message
     assert re.match(rf"{re.escape(str(out))}{named}: cannot write: the disk is full \({os.strerror(code)}\); "
                     rf"nothing was committed, {re.escape(str(out))} is as it was$", message), message
     assert _tree(out) == before
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
 
 
 def _sequences(n: int, seed: int) -> list[np.ndarray]:
@@ -155,13 +153,13 @@ def test_dataset_writer_on_a_full_disk_keeps_the_dataset(small_disk):
     old = write_dataset(root, _sequences(10, 5), shard_bytes=100_000)
     before = _tree(root)
     small_disk.fill()
-    with pytest.raises(fmt.DiskFullError) as e:
+    with pytest.raises(dataset.DiskFullError) as e:
         write_dataset(root, _sequences(150, 6), shard_bytes=200_000)  # ~10 MB
     assert re.match(rf"{re.escape(str(root))}/\.staging-\w+/shard-\w+-\d+\.arrow: cannot write: the disk is full "
                     rf"\(No space left on device\); nothing was written to {re.escape(str(root))}, its previous "
                     "content is intact$", str(e.value)), str(e.value)
     assert _tree(root) == before
-    assert fmt.verify_dataset(fmt.read_index(root)) == [] and fmt.read_index(root).shards == old.shards
+    assert dataset.verify_dataset(dataset.read_index(root)) == [] and dataset.read_index(root).shards == old.shards
     print(f"full disk: {small_disk.how}")
 
 
@@ -175,7 +173,7 @@ def test_dataset_writer_names_each_file_it_cannot_write(tmp_path, monkeypatch, t
     write_dataset(root, _sequences(10, 7), shard_bytes=50_000)
     before = _tree(root)
     _inject(monkeypatch, pattern)
-    with pytest.raises(fmt.DiskFullError, match=rf"^{re.escape(str(root))}{named}: cannot write: the disk is full"):
+    with pytest.raises(dataset.DiskFullError, match=rf"^{re.escape(str(root))}{named}: cannot write: the disk is full"):
         write_dataset(root, _sequences(12, 8), shard_bytes=50_000)
     assert _tree(root) == before
-    assert fmt.verify_dataset(fmt.read_index(root)) == []
+    assert dataset.verify_dataset(dataset.read_index(root)) == []

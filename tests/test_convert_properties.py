@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamtrain import convert as cv
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.records import is_json, looks_like_json_lines
 from streamtrain.errors import DataError
 
@@ -79,10 +79,10 @@ def _check_file(data: bytes, suffix: str) -> None:
                 assert "\n" not in str(e) and str(e).startswith("no valid records")
                 continue
             assert r.num_sequences + r.num_rejected == r.num_records == len(expected), backend
-            index = fmt.read_index(r.out)
+            index = dataset.read_index(r.out)
             kept = []
             for s in index.shards:
-                table = fmt.open_shard(r.out / s.file)
+                table = dataset.open_shard(r.out / s.file)
                 for seq, line in zip(table.column("sequence").to_pylist(), table.column("line").to_pylist()):
                     kept.append((line, np.asarray(seq, np.float32).reshape(-1, DIM)))
             assert [ln for ln, _ in kept] == [ln for ln, _ in kept_expected], backend

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamtrain import convert as cv
-from streamtrain import format as fmt
+from streamtrain import dataset
 
 
 def _corpus(src: Path) -> None:
@@ -25,7 +25,7 @@ def _corpus(src: Path) -> None:
 
 def _content(out: Path):
     """A dataset's content, whatever its file names: shard checksums, lengths, statistics, counts, rejects."""
-    index = fmt.read_index(out)
+    index = dataset.read_index(out)
     return ([s.sha256 for s in index.shards], index.lengths().tobytes(), index.mean.tobytes(), index.std.tobytes(),
             index.num_rejected, index.extra["num_records"], (out / "rejects.jsonl").read_bytes())
 
@@ -74,7 +74,7 @@ def test_damaged_manifest_rebuilds_what_it_cannot_vouch_for(tmp_path, name):
     _corpus(src)
     first = cv.convert([src], out, workers=1, on_error="skip", shard_mb=0.004)
     assert first.groups_built >= 4 and first.num_rejected == 6
-    manifest_path = out / fmt.read_index(out).extra["convert"]["manifest"]
+    manifest_path = out / dataset.read_index(out).extra["convert"]["manifest"]
     manifest = json.loads(manifest_path.read_text())
     target = next(g for g in manifest["groups"][:-1] if g["shard"] and g["rejects"])
     manifest_path.write_text(json.dumps(damage(manifest, target)))
@@ -84,14 +84,14 @@ def test_damaged_manifest_rebuilds_what_it_cannot_vouch_for(tmp_path, name):
         assert again.groups_built == {"one": 1, "two": 2, "all": first.groups_built}[rebuilt]
     cv.convert([src], tmp_path / "fresh", workers=1, on_error="skip", shard_mb=0.004, force=True)
     assert _content(out) == _content(tmp_path / "fresh")
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     # The manifest written by that run is whole again: everything is reused next time.
     assert cv.convert([src], out, workers=1, on_error="skip", shard_mb=0.004).groups_built == 0
 
 
 _MISMATCH = """
 import numpy as np
-from streamtrain import format as F
+from streamtrain import dataset as F
 try:
     F.sequences_to_table(np.zeros((5, 2), np.float32), np.array([2, 2]), ["a", "b"], np.array([1, 2]), 2)
 except ValueError as e:

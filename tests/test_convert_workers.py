@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamtrain import convert as cv
-from streamtrain import format as fmt
+from streamtrain import dataset
 
 _THREADS_AT_FORK = r"""
 import json, os, sys, threading
@@ -58,7 +58,7 @@ def test_workers_are_forked_before_any_thread_starts(tmp_path):
     threads_at_fork = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(threads_at_fork) == 2  # one fork per worker
     assert threads_at_fork == [1, 1]  # only the main thread: the progress thread starts after
-    assert fmt.verify_dataset(fmt.read_index(tmp_path / "out")) == []
+    assert dataset.verify_dataset(dataset.read_index(tmp_path / "out")) == []
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -93,6 +93,6 @@ def test_a_killed_worker_ends_the_run_naming_what_it_held(tmp_path, shard_mb, ta
     assert "was killed by signal 9 (SIGKILL) while converting " + lost.format(src=src) in p.stderr
     assert "nothing was committed" in p.stderr
     assert _tree(out) == before  # no staging folder, no new shard: the previous dataset, byte for byte
-    assert fmt.verify_dataset(fmt.read_index(out)) == []
+    assert dataset.verify_dataset(dataset.read_index(out)) == []
     r = cv.convert([src], out, workers=2, shard_mb=shard_mb)
-    assert r.num_sequences == 6901 and fmt.verify_dataset(fmt.read_index(out)) == []
+    assert r.num_sequences == 6901 and dataset.verify_dataset(dataset.read_index(out)) == []

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from streamtrain.config import ModelConfig
-from streamtrain.model import CausalTransformer, sinusoidal_positions
-from streamtrain.train import masked_sq_error
+from streamtrain.model import ModelConfig
+from streamtrain.model.transformer import CausalTransformer, sinusoidal_positions
+from streamtrain.train.trainer import masked_sq_error
 
 
 def _model(**kw):

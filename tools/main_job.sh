@@ -46,7 +46,7 @@ import itertools, os, sys
 
 import orjson
 
-from streamtrain.synthetic import synthetic_sequences
+from streamtrain.dataset.synthetic import synthetic_sequences
 
 path, n, n_test, length = sys.argv[1], *map(int, sys.argv[2:])
 os.makedirs(os.path.dirname(path), exist_ok=True)

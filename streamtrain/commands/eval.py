@@ -32,7 +32,7 @@ def run(args) -> int:
     import sys
 
     from streamtrain.errors import UserError
-    from streamtrain.evaluate import evaluate_checkpoint
+    from streamtrain.eval.evaluate import evaluate_checkpoint
 
     if args.batch_tokens < 16:
         raise UserError(f"--batch-tokens must be >= 16, got {args.batch_tokens}")
@@ -56,7 +56,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    fmt = lambda v: "n/a" if v is None else f"{v:.6g}"  # noqa: E731
+    show = lambda v: "n/a" if v is None else f"{v:.6g}"  # noqa: E731
     rows = [
         ("model mse", report["mse"]),
         ("persistence mse", report["persistence_mse"]),
@@ -67,13 +67,13 @@ def run(args) -> int:
     print(f"{args.data}: {report['num_sequences']} sequences, {report['num_tokens']} vectors, {report['num_targets']} targets")
     print(f"  windows of at most {report['max_len']} vectors (the training context)")
     for name, value in rows:
-        print(f"  {name:<22}{fmt(value)}")
+        print(f"  {name:<22}{show(value)}")
     if onehot is not None:
         oh = report["onehot"]
         print(f"  top-1 class, fields {onehot[0]}:{onehot[1]}")
         for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
-            print(f"    {name:<20}{fmt(oh[key])}")
+            print(f"    {name:<20}{show(oh[key])}")
     worst = sorted(enumerate(report["per_dim_mse"]), key=lambda kv: -kv[1])[:5]
     if worst:
-        print("  worst dims (mse): " + ", ".join(f"{d}: {fmt(v)}" for d, v in worst))
+        print("  worst dims (mse): " + ", ".join(f"{d}: {show(v)}" for d, v in worst))
     return 0

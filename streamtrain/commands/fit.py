@@ -6,7 +6,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser) -> None:
-    from streamtrain.config import add_flags
+    from streamtrain.train.config import add_flags
 
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (flags given here win)")
     parser.add_argument(
@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from streamtrain.config import flag_values
-    from streamtrain.fitrun import run_fit
+    from streamtrain.train.config import flag_values
+    from streamtrain.train.run import run_fit
 
     return run_fit(flag_values(args), config_file=args.config, resume=args.resume)

@@ -22,7 +22,7 @@ def _print_rich(s) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from streamtrain.summary import _histogram_rows, _length_line
+    from streamtrain.dataset.summary import _histogram_rows, _length_line
 
     con = Console()
     head = Table(title=f"dataset {s.root}", show_header=False, box=None)
@@ -64,8 +64,8 @@ def _print_rich(s) -> None:
 
 
 def run(args) -> int:
+    from streamtrain.dataset.summary import render_text, summarize
     from streamtrain.errors import DataError
-    from streamtrain.summary import render_text, summarize
 
     s = summarize(args.dir, verify=args.verify)
     if args.json:

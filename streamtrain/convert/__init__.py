@@ -1,22 +1,11 @@
 """JSON/JSONL files → validated, checksummed Arrow shard dataset (the `streamtrain convert` engine).
 
-Owns: finding input files, splitting records, validating them (with one precise reason per rejected record),
-parsing values to float32, parallel conversion, per-dimension statistics, rejects, incremental reuse and the
-crash-safe commit of a dataset folder. Imports format, numpy, pyarrow, orjson (and pysimdjson when installed);
-never torch.
-
-Modules, in the order data flows through them (each imports only those above it):
-  records   one record: decoding, validation with a reason (the precise path), splitting text into records
-  blocks    blocks of records: the fast path and its parser backends (simdjson, orjson)
-  sources   input discovery, reading input files, detecting the vector width
-  plan      groups (one shard each, the unit of reuse), partials, and the reuse manifest of a previous run
-  tasks     one task in a worker process: convert segments, statistics per partial, write a shard or piece
-  report    ConvertProgress (events while running) and ConvertResult
-  pool      the worker processes: forked up front, one task each at a time, a death seen at once
-  workers   running the tasks (inline or on the pool), merging pieces, per-group results
-  commit    the dataset folder: leftovers and the crash-safe commit (the protocol and its lock are
-            format's, shared with DatasetWriter; index.json last)
-  pipeline  convert(): arguments, then sources → plan → workers → commit
+Finds the input files, splits and validates records (one precise reason per rejected record), parses values
+to float32, converts in parallel, computes statistics, reuses unchanged work and commits the dataset folder
+crash-safely through `streamtrain.dataset`'s protocol. Never imports torch. Modules, in the order data
+flows through them (each imports only those before it): records (one record: the precise path), blocks
+(the fast path and its parser backends), sources, plan (groups, partials, the reuse manifest), tasks (one
+task in a worker), report, pool (the worker processes), workers, commit, pipeline (`convert()`).
 """
 
 # LOCK_FILE, STAGING_PREFIX and MANIFEST_* stay reachable here (outside `__all__`), as before the split.

@@ -23,16 +23,16 @@ import orjson
 
 from streamtrain.convert.records import (
     BOM,
-    NEGATIVE_ZERO_INT,
     F32_OVERFLOW,
+    NEGATIVE_ZERO_INT,
     RecordError,
     blank_file_reason,
     decode_json,
     is_blank,
     is_json,
     looks_like_json_lines,
-    split_lines,
     parse_record,
+    split_lines,
 )
 from streamtrain.errors import UserError
 

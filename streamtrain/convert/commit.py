@@ -1,24 +1,6 @@
 """The dataset folder and the crash-safe commit of a convert run: the output folder check, leftovers of
 earlier runs, moving new shards in, the lengths file, the reuse manifest, rejects.jsonl, and index.json
 written last.
-
-Commit protocol: the one every dataset writer follows (`format`, "The commit protocol"), with the reuse
-manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step 4:
-  1. take `DIR/.convert.lock`: one writer at a time; delete leftovers of a crashed run
-     (`DIR/.staging-*`, files that the current index.json does not name);
-  2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
-  3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
-     the current index names is ever overwritten; fsync the folder;
-  4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
-     `rejects.jsonl` into the staging folder;
-  5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
-     `rejects.jsonl` in (or delete the old one when nothing was rejected);
-  6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
-A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
-next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
-content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
-failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
-it was.
 """
 
 from __future__ import annotations
@@ -32,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.blocks import parser_backend
 from streamtrain.convert.plan import MANIFEST_FORMAT, MANIFEST_VERSION
 from streamtrain.convert.report import ConvertResult
@@ -40,8 +22,8 @@ from streamtrain.errors import DataError, UserError
 
 __all__ = ["LOCK_FILE", "STAGING_PREFIX", "check_out_dir", "collect_garbage", "commit"]
 
-LOCK_FILE = fmt.LOCK_FILE
-STAGING_PREFIX = fmt.STAGING_PREFIX
+LOCK_FILE = dataset.LOCK_FILE
+STAGING_PREFIX = dataset.STAGING_PREFIX
 
 # convert's own side files at the top of a dataset folder: garbage unless index.json names them.
 _MANIFEST_FILES = re.compile(r"^(sources-.*\.json|\.sources-.*\.json\..*\.tmp)$")
@@ -50,9 +32,9 @@ _MANIFEST_FILES = re.compile(r"^(sources-.*\.json|\.sources-.*\.json\..*\.tmp)$"
 def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if not out.exists() or fmt.is_dataset(out) or force:
+    if not out.exists() or dataset.is_dataset(out) or force:
         return
-    strangers = [p.name for p in out.iterdir() if not (fmt.is_dataset_file(p.name) or _MANIFEST_FILES.match(p.name))]
+    strangers = [p.name for p in out.iterdir() if not (dataset.is_dataset_file(p.name) or _MANIFEST_FILES.match(p.name))]
     if strangers:
         raise UserError(
             f"{out}: folder is not empty and is not a streamtrain dataset (it holds {strangers[0]!r}); "
@@ -60,7 +42,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         )
 
 
-def _manifest_of(index: fmt.Index | None) -> str | None:
+def _manifest_of(index: dataset.Index | None) -> str | None:
     if index is None:
         return None
     info = index.extra.get("convert")
@@ -68,10 +50,10 @@ def _manifest_of(index: fmt.Index | None) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def collect_garbage(out: Path, index: fmt.Index | None) -> None:
+def collect_garbage(out: Path, index: dataset.Index | None) -> None:
     """Delete what a crashed or superseded run left (`format.collect_leftovers`), reuse manifests included."""
     manifest = _manifest_of(index)
-    fmt.collect_leftovers(out, index, keep=[manifest] if manifest else [], own_files=_MANIFEST_FILES)
+    dataset.collect_leftovers(out, index, keep=[manifest] if manifest else [], own_files=_MANIFEST_FILES)
 
 
 def _crash_point(name: str) -> None:
@@ -81,16 +63,35 @@ def _crash_point(name: str) -> None:
 
 
 def _write(path: Path, data: bytes) -> None:
-    with fmt.naming_full_disk(path):
-        fmt.atomic_write_bytes(path, data)
+    with dataset.naming_full_disk(path):
+        dataset.atomic_write_bytes(path, data)
 
 
 def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim_source, on_error,
             num_ignored, src_list, staging, token, t0, workers, progress) -> ConvertResult:
+    """
+    Commit protocol: the one every dataset writer follows (`streamtrain.dataset.commit`), with the reuse
+    manifest `sources-<token>.json` and `rejects.jsonl` among the side files of step 4:
+      1. take `DIR/.convert.lock`: one writer at a time; delete leftovers of a crashed run
+         (`DIR/.staging-*`, files that the current index.json does not name);
+      2. write every new shard into `DIR/.staging-<token>/` (temp name + fsync + rename);
+      3. move the new shards into `DIR/shards/` under names that contain the run's random token, so no file
+         the current index names is ever overwritten; fsync the folder;
+      4. write `lengths-<token>.npy` and the reuse manifest `sources-<token>.json` atomically, and
+         `rejects.jsonl` into the staging folder;
+      5. write `index.json` atomically (temp + fsync + rename): the single commit point; then move
+         `rejects.jsonl` in (or delete the old one when nothing was rejected);
+      6. delete what the new index no longer names (old shards, old lengths/manifest, the staging folder).
+    A crash before 5 leaves the old index.json and every file it names untouched (new files are garbage that the
+    next run deletes); a crash after 5 leaves the new dataset complete. `rejects.jsonl` is a report, not dataset
+    content: just after 5 it may still describe the previous run (the next run rewrites it). On a validation
+    failure (`--on-error fail`) or an error before 5 (a full disk) the new files are deleted and DIR is left as
+    it was.
+    """
     build_set = set(build)
-    shards: list[fmt.ShardInfo] = []
+    shards: list[dataset.ShardInfo] = []
     lengths_parts, rejects, manifest_groups = [], [], []
-    stats = fmt.RunningStats(dim)
+    stats = dataset.RunningStats(dim)
     num_records = 0
     moves = []  # (staged shard, its name in the dataset)
     first_id = 0
@@ -100,21 +101,21 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
             gstats, glengths, grejects, grecords = b.stats, b.lengths, b.rejects, b.num_records
             shard_file = sha = None
             if b.shard_path is not None:
-                shard_file = f"{fmt.SHARD_DIR}/{Path(b.shard_path).name}"
+                shard_file = f"{dataset.SHARD_DIR}/{Path(b.shard_path).name}"
                 sha = b.sha256
                 moves.append((b.shard_path, shard_file))
-                shards.append(fmt.ShardInfo(shard_file, len(glengths), int(glengths.sum(dtype=np.int64)),
+                shards.append(dataset.ShardInfo(shard_file, len(glengths), int(glengths.sum(dtype=np.int64)),
                                             b.shard_bytes, sha, first_id))
         else:
             old = old_groups[g.key]
-            gstats = fmt.RunningStats.from_json(old["stats"]) if old["stats"]["count"] else fmt.RunningStats(dim)
+            gstats = dataset.RunningStats.from_json(old["stats"]) if old["stats"]["count"] else dataset.RunningStats(dim)
             glengths = old["lengths"]
             grejects = [tuple(r) for r in old["rejects"]]
             grecords = old["num_records"]
             shard_file, sha = old["shard"], old.get("sha256")
             if old["info"] is not None:
                 i = old["info"]
-                shards.append(fmt.ShardInfo(i.file, i.num_sequences, i.num_tokens, i.bytes, i.sha256, first_id))
+                shards.append(dataset.ShardInfo(i.file, i.num_sequences, i.num_tokens, i.bytes, i.sha256, first_id))
         first_id += len(glengths)
         stats.merge(gstats)
         lengths_parts.append(glengths)
@@ -135,7 +136,7 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         raise DataError(f"no valid records: {num_records} seen, {len(rejects)} rejected{first}")
 
     progress.stage("committing")
-    lengths_buf = fmt.npy_bytes(lengths)
+    lengths_buf = dataset.npy_bytes(lengths)
     lengths_file = f"lengths-{token}.npy"
     manifest_file = f"sources-{token}.json"
     dim_prefix = None
@@ -150,11 +151,11 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         "dim_prefix": dim_prefix,
         "groups": manifest_groups,
     }
-    rejects_path = out / fmt.REJECTS_FILE
+    rejects_path = out / dataset.REJECTS_FILE
     num_tokens = int(lengths.sum(dtype=np.int64))
     input_bytes = sum(s.size for s in src_list)
     parsed = sum(groups[i].nominal_bytes for i in build)
-    index = fmt.Index(
+    index = dataset.Index(
         root=out,
         dim=dim,
         num_sequences=len(lengths),
@@ -183,17 +184,17 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
     # Until index.json is replaced, every new file outside the staging folder is garbage if this fails.
     written = [out / name for _, name in moves] + [out / lengths_file, out / manifest_file]
     try:
-        fmt.install_shards(out, moves)
+        dataset.install_shards(out, moves)
         _write(out / lengths_file, lengths_buf)
         _write(out / manifest_file, orjson.dumps(manifest))
         # rejects.jsonl is written now (the disk may be full) and moved in once index.json is.
-        staged_rejects = Path(staging) / fmt.REJECTS_FILE
+        staged_rejects = Path(staging) / dataset.REJECTS_FILE
         if rejects:
             _write(staged_rejects, b"".join(orjson.dumps({"path": p, "line": ln, "reason": r}) + b"\n"
                                             for p, ln, r in rejects))
         _crash_point("before-index")
-        with fmt.naming_full_disk(out / fmt.INDEX_FILE):
-            fmt.write_index(index)
+        with dataset.naming_full_disk(out / dataset.INDEX_FILE):
+            dataset.write_index(index)
         written = []
     finally:
         for path in written:
@@ -203,7 +204,7 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         os.replace(staged_rejects, rejects_path)
     else:
         rejects_path.unlink(missing_ok=True)
-    fmt.fsync_dir(out)
+    dataset.fsync_dir(out)
     collect_garbage(out, index)
     progress.finish()
     return ConvertResult(

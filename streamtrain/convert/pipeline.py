@@ -12,7 +12,7 @@ from typing import Sequence
 
 import orjson
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.commit import check_out_dir, collect_garbage, commit
 from streamtrain.convert.plan import (
     MIN_PARTIAL_BYTES,
@@ -71,16 +71,16 @@ def convert(
     try:
         return _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes,
                                force, progress, t0)
-    except fmt.DiskFullError as e:
+    except dataset.DiskFullError as e:
         # Every write before index.json is staged or under a fresh name, and nothing is written after it.
-        raise fmt.DiskFullError(f"{e}; nothing was committed, {out} is as it was") from None
+        raise dataset.DiskFullError(f"{e}; nothing was committed, {out} is as it was") from None
 
 
 def _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_bytes, partial_bytes, force,
                     progress, t0) -> ConvertResult:
-    with fmt.naming_full_disk(out):
+    with dataset.naming_full_disk(out):
         out.mkdir(parents=True, exist_ok=True)
-    with fmt.DatasetLock(out):
+    with dataset.DatasetLock(out):
         prev_index, manifest = load_previous(out, force)
         if force:
             manifest = None
@@ -96,8 +96,8 @@ def _convert_locked(src_list, num_ignored, out, workers, on_error, dim, shard_by
         todo = [groups[i] for i in build]
         resolve_groups(todo, partial_bytes, source_kinds(todo, partial_bytes))
 
-        token = fmt.new_token()
-        with fmt.staging_folder(out, token) as staging:
+        token = dataset.new_token()
+        with dataset.staging_folder(out, token) as staging:
             built = execute(groups, build, dim, on_error, workers, staging, token, progress,
                             sum(g.nominal_bytes for g in groups), len(src_list))
             return commit(

@@ -1,19 +1,5 @@
 """Work planning: which input bytes go into which shard (groups), how groups are cut for statistics and
 parallel tasks (partials), and which groups a previous run already built (the reuse manifest).
-
-Work units. Input files, in sorted path order, are grouped into *groups* of about `shard_bytes` of input text
-(a file larger than that is split into several groups at line boundaries); each group becomes one shard and is
-the unit of reuse. Group boundaries depend only on file sizes and paths (plus a content-defined cut rule on
-the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
-*partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
-order, so the result is bit-identical whether a group is converted by one task or partial by partial in
-parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
-in the staging folder) and then merged into the same shard.
-
-Reuse. A group's key hashes the conversion settings and the (path, size, mtime, inode, ctime, byte span)
-of its inputs; the
-manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
-rejects, so an unchanged group is taken over without parsing it again.
 """
 
 from __future__ import annotations
@@ -29,9 +15,28 @@ from typing import Iterable
 import numpy as np
 import orjson
 
-from streamtrain import format as fmt
-from streamtrain.convert.sources import Source, detect_dim, is_lines_document, reading_input
+from streamtrain import dataset
+from streamtrain.convert.sources import (
+    Source,
+    detect_dim,
+    is_lines_document,
+    reading_input,
+)
 from streamtrain.errors import DataError, UserError
+
+# Work units. Input files, in sorted path order, are grouped into *groups* of about `shard_bytes` of input text
+# (a file larger than that is split into several groups at line boundaries); each group becomes one shard and is
+# the unit of reuse. Group boundaries depend only on file sizes and paths (plus a content-defined cut rule on
+# the path hash, so that adding a file disturbs only its neighbours), never on `workers`. Each group is cut into
+# *partials* of about `shard_bytes / 16` at line boundaries; statistics are computed per partial and merged in
+# order, so the result is bit-identical whether a group is converted by one task or partial by partial in
+# parallel (used when there are fewer than two groups per worker; each task writes its rows as a piece file
+# in the staging folder) and then merged into the same shard.
+#
+# Reuse. A group's key hashes the conversion settings and the (path, size, mtime, inode, ctime, byte span)
+# of its inputs; the
+# manifest `sources-<token>.json` (written by `commit`) lists every group's key, shard, checksum, statistics and
+# rejects, so an unchanged group is taken over without parsing it again.
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "Segment", "MIN_PARTIAL_BYTES", "load_previous", "plan_groups",
@@ -205,18 +210,18 @@ def split_partials(g: _Group) -> list[list]:
 # Reuse: the previous run's state
 
 
-def load_previous(out: Path, force: bool = False) -> tuple[fmt.Index | None, dict | None]:
+def load_previous(out: Path, force: bool = False) -> tuple[dataset.Index | None, dict | None]:
     """The previous run's index and reuse manifest (None where absent or unusable). An index.json that
     cannot be read is an error unless `force`: rebuilding would replace a dataset that may be intact."""
-    if not fmt.is_dataset(out):
+    if not dataset.is_dataset(out):
         return None, None
     try:
-        index = fmt.read_index(out)
+        index = dataset.read_index(out)
     except DataError as e:
         if force:
             return None, None
         raise UserError(
-            f"{out}: existing {fmt.INDEX_FILE} is unreadable ({e}); use --force to rebuild the dataset"
+            f"{out}: existing {dataset.INDEX_FILE} is unreadable ({e}); use --force to rebuild the dataset"
         ) from None
     info = index.extra.get("convert") or {}
     name = info.get("manifest")
@@ -262,7 +267,7 @@ def _entry_is_usable(g, dim: int) -> bool:
             and _is_vector(stats.get("m2"), dim) and min(stats["m2"], default=0) >= 0)
 
 
-def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, dict]:
+def reusable_groups(out: Path, index: dataset.Index, manifest: dict) -> dict[str, dict]:
     """Groups of the previous run whose manifest entry is whole and agrees with the index, and whose shard is
     still what the index says (same file, size, checksum). Anything else is rebuilt."""
     shards = {s.file: s for s in index.shards}
@@ -281,7 +286,7 @@ def reusable_groups(out: Path, index: fmt.Index, manifest: dict) -> dict[str, di
                 continue
             if lengths is None:
                 try:
-                    lengths = fmt.load_lengths(index)
+                    lengths = dataset.load_lengths(index)
                 except DataError:
                     return {}
             group_lengths = np.asarray(lengths[info.first_id: info.first_id + info.num_sequences], dtype=np.int32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 
 __all__ = ["ConvertProgress", "ConvertResult"]
 
@@ -29,7 +29,7 @@ class ConvertProgress:
 @dataclass
 class ConvertResult:
     out: Path
-    index: fmt.Index
+    index: dataset.Index
     num_records: int  # records seen = num_sequences + num_rejected
     num_sequences: int
     num_rejected: int

@@ -21,8 +21,8 @@ from streamtrain.convert.records import (
     is_blank,
     is_json,
     looks_like_json_lines,
-    split_lines,
     parse_record,
+    split_lines,
 )
 from streamtrain.errors import UserError
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.blocks import (
     BLOCK_BYTES,
     Backend,
@@ -39,10 +39,10 @@ __all__ = ["TaskSpec", "TaskResult", "run_task", "merge_pieces", "worker_init"]
 _STATS_ROWS = 8192
 
 
-def _values_stats(blocks: list, dim: int) -> fmt.RunningStats:
+def _values_stats(blocks: list, dim: int) -> dataset.RunningStats:
     """Statistics of the rows of `blocks` (float32 (n, dim) arrays, in order), computed over fixed chunks of
     _STATS_ROWS rows so the result depends only on the rows, not on how they were split into blocks."""
-    stats = fmt.RunningStats(dim)
+    stats = dataset.RunningStats(dim)
     pending, pending_rows = [], 0
 
     def flush() -> None:
@@ -51,7 +51,7 @@ def _values_stats(blocks: list, dim: int) -> fmt.RunningStats:
         # Chunks that fit in cache: two passes over each in float64 without a corpus-sized temporary.
         mean = chunk.mean(axis=0)
         centred = chunk - mean
-        stats.merge(fmt.RunningStats(dim, len(chunk), mean, np.einsum("ij,ij->j", centred, centred)))
+        stats.merge(dataset.RunningStats(dim, len(chunk), mean, np.einsum("ij,ij->j", centred, centred)))
         pending, pending_rows = [], 0
 
     for arr in blocks:
@@ -209,12 +209,12 @@ def run_task(spec: TaskSpec) -> TaskResult:
     lines = np.concatenate(st.lines)
     result.out_path = spec.out_path
     if spec.final:
-        table = fmt.sequences_to_table(values, lengths, st.paths, lines, dim)
+        table = dataset.sequences_to_table(values, lengths, st.paths, lines, dim)
         del values
-        result.shard_bytes, result.sha256 = fmt.write_shard(spec.out_path, table)
+        result.shard_bytes, result.sha256 = dataset.write_shard(spec.out_path, table)
     else:
         # A piece is read back only by merge_pieces, in this run: plain buffers, no Arrow to decode.
-        with fmt.naming_full_disk(spec.out_path), open(spec.out_path, "wb") as f:
+        with dataset.naming_full_disk(spec.out_path), open(spec.out_path, "wb") as f:
             pickle.dump((values, lengths, st.paths, lines), f, protocol=5)
     return result
 
@@ -252,11 +252,11 @@ def merge_pieces(piece_paths: list[str], out_path: str, dim: int) -> tuple[int, 
         lengths.append(piece_lengths)
         paths.extend(piece_paths_)
         lines.append(piece_lines)
-    table = fmt.sequences_to_table(
+    table = dataset.sequences_to_table(
         np.concatenate(values).reshape(-1, dim), np.concatenate(lengths), paths, np.concatenate(lines), dim
     )
     del values
-    result = fmt.write_shard(out_path, table)
+    result = dataset.write_shard(out_path, table)
     for p in piece_paths:
         os.unlink(p)
     return result

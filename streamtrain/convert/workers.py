@@ -14,10 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtrain import format as fmt
+from streamtrain import dataset
 from streamtrain.convert.plan import split_partials
 from streamtrain.convert.pool import ProcessPool, WorkerLost
-from streamtrain.convert.tasks import TaskResult, TaskSpec, merge_pieces, run_task, worker_init
+from streamtrain.convert.tasks import (
+    TaskResult,
+    TaskSpec,
+    merge_pieces,
+    run_task,
+    worker_init,
+)
 from streamtrain.errors import DataError, UserError
 
 __all__ = ["default_workers", "execute"]
@@ -59,7 +65,7 @@ def _make_tasks(groups, build, dim, on_error, workers, staging: Path, token: str
 
 @dataclass
 class _Built:
-    stats: fmt.RunningStats
+    stats: dataset.RunningStats
     lengths: np.ndarray
     rejects: list
     num_records: int
@@ -158,7 +164,7 @@ def execute(groups, build, dim, on_error, workers, staging, token, progress, tot
     for gi in build:
         ids = pieces_of.get(gi) or [s.task_id for s in specs if s.group == gi]
         rs = [results[i] for i in ids]
-        stats = fmt.RunningStats(dim)
+        stats = dataset.RunningStats(dim)
         for r in rs:
             for st in r.stats:
                 stats.merge(st)

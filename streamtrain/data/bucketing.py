@@ -1,22 +1,9 @@
-"""The batching plan: pure functions from sequence lengths to batches. numpy only, never opens a shard.
+"""Bucketing: pure functions from sequence lengths to batches (numpy only, never opens a shard).
 
-The plan of an epoch is computed in four steps, each a function here:
-
-1. `window_items`: sequences longer than `max_len` become overlapping windows (items). Window k of a
-   sequence covers [k*(max_len-1), k*(max_len-1) + max_len): consecutive windows share one vector, so every
-   next-vector target of the sequence appears in exactly one window.
-2. `bucket_bounds`: the fixed set of padded lengths T (multiples of `pad_multiple`), chosen once per
-   dataset from the length distribution by dynamic programming so that rounding every item up to its
-   bucket bound wastes as few padded tokens as possible for the number of shapes.
-3. `plan_epoch`: items shuffled with `np.random.default_rng([seed, epoch])` across the whole dataset,
-   stably grouped by bucket, cut into batches of `max_tokens // T` items, then the batch order shuffled
-   (so padded T does not follow a sawtooth). With `shuffle=False`: id order, buckets ascending.
-4. `deal_batches`: whole batches dealt round-robin to ranks, with the remainder policy of
-   `torch.utils.data.DistributedSampler` (`drop_last=False` repeats batches from the start of the epoch's
-   list, `drop_last=True` drops the last < world_size batches).
-
-Every function is deterministic in its arguments and vectorised: planning 1M sequences takes well under a
-second (see `benchmarks/bench_loader.py`).
+`window_items` cuts sequences longer than max_len into windows overlapping by one vector; `bucket_bounds`
+picks the padded lengths T by dynamic programming over the length distribution; `plan_epoch` is the
+plan over the whole dataset (`plan.EpochPlan` forms batches inside windows of shards); `deal_batches`
+gives whole batches to ranks with DistributedSampler's remainder policy. All deterministic and vectorised.
 """
 
 from __future__ import annotations

@@ -1,23 +1,4 @@
-"""The epoch plan with locality: batches formed inside windows of consecutive reading units (shards).
-
-A process needs only the units of the window it reads, and planning costs what the window costs, not what
-the dataset costs. Per epoch (all pure functions of seed, epoch and the unit list; never of where the data
-lives or of the world size):
-
-1. the unit order is shuffled with `default_rng([seed, epoch])`; runs of `window` consecutive units form
-   windows 0, 1, ...;
-2. window j's items are shuffled with `default_rng([seed, epoch, j + 1])` and grouped by bucket (stable);
-3. each bucket's items form a stream: the tail carried from window j - 1 first, then window j's own; it is
-   cut into batches of `per_batch[b]` items. An incomplete remainder made of window j's items only is
-   carried into window j + 1; one that still holds carried items is emitted now as a smaller batch. So
-   every batch holds rows of windows j - 1 and j only, and nearly every batch is full;
-4. window j's batches are put in a shuffled order (the same generator), and the windows follow each other.
-
-The number of batches of an epoch comes from a simulation over per-unit bucket counts (`unit_bucket_counts`),
-without building any window; it may differ slightly from epoch to epoch (forced remainders depend on the
-unit order). With shuffle=False the units, items and batches keep dataset order. With one window holding
-every unit, this is the global plan of `bucketing.plan_epoch` (a different draw, the same guarantees).
-"""
+"""The epoch plan with locality: batches formed inside windows of consecutive reading units (shards)."""
 
 from __future__ import annotations
 
@@ -148,6 +129,24 @@ class EpochPlan:
     counts, tokens: items per unit and bucket, real tokens per unit (`unit_bucket_counts`), given by the
         caller so that they are computed once per dataset, not once per epoch.
     window: units per window (None or >= the unit count: one window).
+
+    A process needs only the units of the window it reads, and planning costs what the window costs, not what
+    the dataset costs. Per epoch (all pure functions of seed, epoch and the unit list; never of where the data
+    lives or of the world size):
+
+    1. the unit order is shuffled with `default_rng([seed, epoch])`; runs of `window` consecutive units form
+       windows 0, 1, ...;
+    2. window j's items are shuffled with `default_rng([seed, epoch, j + 1])` and grouped by bucket (stable);
+    3. each bucket's items form a stream: the tail carried from window j - 1 first, then window j's own; it is
+       cut into batches of `per_batch[b]` items. An incomplete remainder made of window j's items only is
+       carried into window j + 1; one that still holds carried items is emitted now as a smaller batch. So
+       every batch holds rows of windows j - 1 and j only, and nearly every batch is full;
+    4. window j's batches are put in a shuffled order (the same generator), and the windows follow each other.
+
+    The number of batches of an epoch comes from a simulation over per-unit bucket counts (`unit_bucket_counts`),
+    without building any window; it may differ slightly from epoch to epoch (forced remainders depend on the
+    unit order). With shuffle=False the units, items and batches keep dataset order. With one window holding
+    every unit, this is the global plan of `bucketing.plan_epoch` (a different draw, the same guarantees).
     """
 
 

@@ -1,18 +1,4 @@
-"""Memory-mapped access to a dataset's shards: global sequence id -> (T, D) numpy view, no copy.
-
-`ShardReader` opens shards lazily (on the first request for one of their rows), so it can be pickled into
-DataLoader workers before anything is mapped. Each opened shard is reduced to, per record batch, the
-int64 row offsets of its `sequence` column and a (num_vectors, D) float32 view of the values buffer,
-both taken straight from the Arrow buffers with np.frombuffer (array offsets of the list, of the
-fixed_size_list child and of the float grandchild are all honoured). `gather` copies the rows of a batch
-from the map into a caller's preallocated (B, T, D) array: one memcpy per row, nothing else.
-
-Open maps are bounded: at most `max_open_shards` per reader, least recently used first out. A map holds no
-file descriptor (`format.map_file` closes it once mapped), and an evicted map is unmapped when its last
-view goes: a `sequence()` view or a batch being gathered keeps it valid, and batches are copies.
-
-Imports pyarrow and numpy only (never torch).
-"""
+"""Memory-mapped access to a dataset's shards: global sequence id -> (T, D) numpy view, no copy."""
 
 from __future__ import annotations
 
@@ -25,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from streamtrain.data.checksums import check_mapped, check_size, verified_lengths
+from streamtrain.dataset import Index, map_file, read_index, read_shard
+from streamtrain.dataset.checksums import check_mapped, check_size, verified_lengths
 from streamtrain.errors import DataError
-from streamtrain.format import Index, map_file, read_index, read_shard
 
 __all__ = ["ShardReader", "sequence_views", "DEFAULT_MAX_OPEN_SHARDS"]
 
@@ -97,6 +83,19 @@ class ShardReader:
     every row's length against the lengths file (itself checked against index.json's lengths_sha256 with
     `verify`). So a shard that is missing, truncated, changed or unreadable raises DataError naming it
     before any of its rows is used.
+
+    `ShardReader` opens shards lazily (on the first request for one of their rows), so it can be pickled into
+    DataLoader workers before anything is mapped. Each opened shard is reduced to, per record batch, the
+    int64 row offsets of its `sequence` column and a (num_vectors, D) float32 view of the values buffer,
+    both taken straight from the Arrow buffers with np.frombuffer (array offsets of the list, of the
+    fixed_size_list child and of the float grandchild are all honoured). `gather` copies the rows of a batch
+    from the map into a caller's preallocated (B, T, D) array: one memcpy per row, nothing else.
+
+    Open maps are bounded: at most `max_open_shards` per reader, least recently used first out. A map holds no
+    file descriptor (`format.map_file` closes it once mapped), and an evicted map is unmapped when its last
+    view goes: a `sequence()` view or a batch being gathered keeps it valid, and batches are copies.
+
+    Imports pyarrow and numpy only (never torch).
     """
 
     def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *, verify: bool = True,

@@ -1,102 +1,31 @@
-"""`ShardStream` (an IterableDataset of padded batches), `Batch`, and `make_loader` with exact resume.
-
-Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
-are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
-BATCHES_PER_MESSAGE consecutive batches, round-robin (block j of the iteration to worker j % W; without a
-Loader, batch k to worker k % W). DataLoader collects worker outputs round-robin in order, so a rank sees
-the same stream for any `num_workers`, and a resume may change it.
-
-Position: a stream carries `(epoch, batches_done)`, the epoch and rank-local number of the *next* batch to
-yield; only a `Loader` advances it (iterating a ShardStream directly yields the rest of the current epoch
-without moving it). When the last batch of an epoch is handed out the position becomes (epoch + 1, 0).
-So:
-
-* `for batch in loader` runs the rest of the current epoch; the next `for` runs the next epoch.
-* `ds.set_epoch(e)` / `loader.set_epoch(e)` starts epoch e from its first batch, unless e already is the
-  position's epoch (then it is a no-op, so a resumed mid-epoch position survives the usual
-  `for epoch in range(start, E): ds.set_epoch(epoch); for batch in loader: ...`).
-* `loader.state_dict()` is a few integers; `load_state_dict` restores the position, skipping in the
-  plan (no skipped batch is read). Across world sizes the position is carried as the number of *global*
-  batches consumed (`batches_done * world_size`, i.e. the prefix of the epoch's batch list that all ranks
-  together have taken); a loader with world size W' resumes at `global // W'`, so at most W' - 1 global
-  batches are seen twice and none is skipped.
-
-Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
-the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
-`drop_last=True` drops the last num_batches % world_size, so each sequence is seen at most once. With
-world_size 1 every item (a sequence, or each window of a long one) is yielded exactly once per epoch.
-
-Workers hold the position in a small shared-memory tensor, so persistent workers see `set_epoch` and
-`load_state_dict` made in the main process.
-
-Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard it can
-read against index.json, hashing only file versions not verified before (`checksums.verify_files`, on a
-thread per core); every process that then maps a shard (this one, each worker) checks the version it
-mapped and hashes it first if it is not the verified one (`checksums.check_mapped`). Sizes, row counts and
-row lengths are checked whatever `verify`.
-
-Hand-over from workers: a `Loader` with workers allocates a `shm.BatchRing` (a few batch-sized slots per
-worker in shared memory) before the workers start. A worker writes each padded batch straight into a free
-slot and sends, per block, only slot numbers and the small per-row arrays (a `_SlotGroup`); the main
-process (or DataLoader's pin-memory thread, straight into pinned memory) copies x out of each slot, frees
-it, and rebuilds the mask from the lengths. This replaces a shared-memory segment per tensor per batch
-and a DataLoader round trip per batch, each of which costs more than building the batch.
+"""`ShardStream`: an IterableDataset of length-bucketed, padded batches for one rank, with a position for
+exact resume. The order and the remainder policy are described here; the Loader that moves the position,
+and the DataLoader workers, in `loader`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
-from streamtrain.data.checksums import index_files, verified_lengths, verify_files
+from streamtrain.data.batch import Batch, assemble_batch
 from streamtrain.data.reader import ShardReader
-from streamtrain.data.shm import BatchRing, shared_tensor
+from streamtrain.data.transport import (
+    BATCHES_PER_MESSAGE,
+    BatchRing,
+    SlotBatch,
+    SlotGroup,
+    shared_tensor,
+)
+from streamtrain.dataset import Index, read_index
+from streamtrain.dataset.checksums import index_files, verified_lengths, verify_files
 from streamtrain.errors import DataError, UserError
-from streamtrain.format import Index, read_index
 
-__all__ = ["Batch", "ShardStream", "Loader", "make_loader"]
-
-# Batches per DataLoader item from a worker (a block of consecutive batches of the rank's stream). Each
-# item costs a DataLoader round trip (queues, pickling, thread hand-offs), more than building a batch;
-# blocks spread that cost over several batches (benchmarks/bench_loader.py --block-sizes).
-BATCHES_PER_MESSAGE = 4
-
-
-@dataclass
-class Batch:
-    """A padded batch. Rows are items: whole sequences, or windows of sequences longer than max_len."""
-
-    x: torch.Tensor  # float32 (B, T, D), zero right-padding
-    mask: torch.Tensor  # bool (B, T), True on real vectors
-    lengths: torch.Tensor  # int64 (B,) real vectors per row
-    ids: torch.Tensor  # int64 (B,) global sequence id (position in the dataset)
-    offsets: torch.Tensor  # int64 (B,) first vector of the row within its sequence (0 unless windowed)
-
-    @property
-    def num_real_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def num_padded_tokens(self) -> int:
-        return self.x.shape[0] * self.x.shape[1]
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def _map(self, fn) -> "Batch":
-        return Batch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
-
-    def to(self, device, non_blocking: bool = True) -> "Batch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """Called by DataLoader's pin-memory thread."""
-        return self._map(lambda t: t.pin_memory())
+__all__ = ["ShardStream"]
 
 
 class ShardStream(IterableDataset):
@@ -123,6 +52,19 @@ class ShardStream(IterableDataset):
     Only index.json and lengths.npy are read here (and, with verify, every shard hashed whose file version
     was not verified before); shards are memory-mapped lazily in the process that iterates, so the object
     pickles small into DataLoader workers.
+
+    Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
+    are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
+    BATCHES_PER_MESSAGE consecutive batches (block j of an iteration to worker j % W).
+
+    Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
+    the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
+    `drop_last=True` drops the last num_batches % world_size. With world_size 1 every item (a sequence, or
+    each window of a long one) is yielded exactly once per epoch.
+
+    Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard
+    against index.json, hashing only file versions not verified before (`checksums.verify_files`); every
+    process that then maps a shard checks the version it mapped (`checksums.check_mapped`).
     """
 
     def __init__(
@@ -220,7 +162,7 @@ class ShardStream(IterableDataset):
         self._reader: ShardReader | None = None
         self._plan_cache: tuple[int, bucketing.Plan] | None = None
         # set by a Loader before it starts workers; None: workers hand batches over as tensors
-        self._ring: BatchRing | None = None
+        self.ring: BatchRing | None = None
 
     def _check_shard_files(self) -> None:
         for info in self.index.shards:
@@ -288,16 +230,16 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch; a no-op when the position already is in `epoch`."""
         if int(epoch) != self.epoch:
-            self._set_position(int(epoch), 0)
+            self.set_position(int(epoch), 0)
 
-    def _set_position(self, epoch: int, batches_done: int, publish: bool = True) -> None:
+    def set_position(self, epoch: int, batches_done: int, publish: bool = True) -> None:
         if batches_done >= self._num_batches > 0:
             epoch, batches_done = epoch + 1, 0
         self._epoch, self._batches_done = epoch, batches_done
         if publish:
-            self._publish_position()
+            self.publish_position()
 
-    def _publish_position(self) -> None:
+    def publish_position(self) -> None:
         self._iteration_start[0] = self._epoch
         self._iteration_start[1] = self._batches_done
 
@@ -347,10 +289,10 @@ class ShardStream(IterableDataset):
             x = torch.from_numpy(out)
         # padding zeroed explicitly, not left to how the shared-memory allocator hands out pages
         self.reader.gather(out, ids, offsets, lengths, zero_padding=shared)
-        return _assemble(x, lengths, ids, offsets)
+        return assemble_batch(x, lengths, ids, offsets)
 
     def _slot_batch(self, ring: BatchRing, worker: int, generation: int, item_indices: np.ndarray,
-                    padded_len: int) -> _SlotBatch | None:
+                    padded_len: int) -> SlotBatch | None:
         """Build a batch in a free slot of `ring`; None when the iteration ended while waiting for one."""
         claimed = ring.claim(worker, generation)
         if claimed is None:
@@ -360,7 +302,7 @@ class ShardStream(IterableDataset):
         out = ring.slot(worker, slot, (len(item_indices), padded_len, self.dim))
         # the slot holds an earlier batch: the rows are overwritten and the padding zeroed, each once
         self.reader.gather(out, ids, offsets, lengths, zero_padding=True)
-        return _SlotBatch(ring.token, worker, slot, seq, padded_len, self.dim, lengths, ids, offsets)
+        return SlotBatch(ring.token, worker, slot, seq, padded_len, self.dim, lengths, ids, offsets)
 
     def __iter__(self):
         # Not a generator function: the start is read now, when DataLoader (re)starts the worker, not at
@@ -373,8 +315,8 @@ class ShardStream(IterableDataset):
         else:
             worker, num_workers = info.id, info.num_workers
             epoch, start = (int(v) for v in self._iteration_start.tolist())
-        if info is not None and self._ring is not None:
-            return self._slot_batches(self._ring, epoch, start, worker, num_workers)
+        if info is not None and self.ring is not None:
+            return self._slot_batches(self.ring, epoch, start, worker, num_workers)
         return self._batches(epoch, start, worker, num_workers, shared=info is not None)
 
     def _worker_blocks(self, epoch: int, start: int, worker: int, num_workers: int, block: int):
@@ -406,7 +348,7 @@ class ShardStream(IterableDataset):
                 if batch is None:
                     return
                 group.append(batch)
-            yield _SlotGroup(group)
+            yield SlotGroup(group)
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
@@ -415,245 +357,3 @@ def _compact(values: np.ndarray) -> np.ndarray:
     if len(values) == 0 or (values.min() >= 0 and values.max() < 2**31):
         return values.astype(np.int32)
     return values.copy()
-
-
-def _assemble(x: torch.Tensor, lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> Batch:
-    mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
-    return Batch(
-        x=x,
-        mask=torch.from_numpy(mask),
-        lengths=torch.from_numpy(lengths),
-        ids=torch.from_numpy(ids),
-        offsets=torch.from_numpy(offsets),
-    )
-
-
-class _SlotBatch:
-    """What a worker sends for a batch it wrote into a `BatchRing` slot: where x is, and the row arrays
-    (int64 numpy, pickled by value: a few KB). `take()` in the main process turns it into a Batch."""
-
-    __slots__ = ("ring_token", "worker", "slot", "seq", "padded_len", "dim", "lengths", "ids", "offsets")
-
-    def __init__(self, ring_token: int, worker: int, slot: int, seq: int, padded_len: int, dim: int,
-                 lengths: np.ndarray, ids: np.ndarray, offsets: np.ndarray):
-        self.ring_token, self.worker, self.slot, self.seq = ring_token, worker, slot, seq
-        self.padded_len, self.dim = padded_len, dim
-        self.lengths, self.ids, self.offsets = lengths, ids, offsets
-
-    def __getstate__(self):
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __setstate__(self, state) -> None:
-        for name, value in zip(self.__slots__, state):
-            setattr(self, name, value)
-
-    def take(self, pin: bool = False) -> Batch:
-        """Copy x out of the slot (into pinned memory when `pin`), free the slot, and build the Batch."""
-        ring = BatchRing.find(self.ring_token)
-        shape = (len(self.lengths), self.padded_len, self.dim)
-        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
-        np.copyto(x.numpy(), ring.slot(self.worker, self.slot, shape))
-        # checked after the copy: the slot held this batch throughout
-        intact = ring.holds(self.worker, self.slot, self.seq)
-        ring.release(self.worker, self.slot, self.seq)
-        if not intact:
-            raise RuntimeError(f"batch slot {self.worker}/{self.slot} was reused before it was taken")
-        batch = _assemble(x, self.lengths, self.ids, self.offsets)
-        if pin:  # x is pinned already; the small tensors are pinned as Batch.pin_memory would
-            batch = Batch(x=x, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(Batch) if f.name != "x"})
-        return batch
-
-
-
-class _SlotGroup:
-    """One DataLoader item from a worker: consecutive `_SlotBatch`es of the rank's stream."""
-
-    __slots__ = ("batches",)
-
-    def __init__(self, batches: list[_SlotBatch]):
-        self.batches = batches
-
-    def __getstate__(self):
-        return self.batches
-
-    def __setstate__(self, state) -> None:
-        self.batches = state
-
-    def take(self, pin: bool = False) -> list[Batch]:
-        return [b.take(pin) for b in self.batches]
-
-    def pin_memory(self) -> list[Batch]:
-        """Called by DataLoader's pin-memory thread: one copy per batch, from the slot into pinned memory."""
-        return self.take(pin=True)
-
-
-class Loader:
-    """A DataLoader over a ShardStream that keeps the stream's position; iterate it once per epoch.
-
-    state_dict() -> {"epoch", "batches_done", "global_batches_done", "seed", "world_size", "num_batches",
-    "num_items"}: the next batch after load_state_dict() is exactly the next batch the saved loader would
-    have yielded (also with another num_workers; with another world_size see the module docstring).
-    An iteration that fails (a DataError, a worker that died) discards its workers; the next iteration
-    starts fresh ones at the batch after the last one yielded.
-    """
-
-    def __init__(self, dataset: ShardStream, **dataloader_kwargs):
-        self.dataset = dataset
-        self._kwargs = dataloader_kwargs
-        self._dataloader: DataLoader | None = None
-
-    @property
-    def epoch(self) -> int:
-        return self.dataset.epoch
-
-    @property
-    def batches_done(self) -> int:
-        return self.dataset.batches_done
-
-    def __len__(self) -> int:
-        return self.dataset.num_batches()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        ds = self.dataset
-        if self._dataloader is None:
-            self._dataloader = DataLoader(ds, batch_size=None, **self._kwargs)
-        kept = getattr(self._dataloader, "_iterator", None)
-        if kept is not None and not all(w.is_alive() for w in getattr(kept, "_workers", ())):
-            # persistent workers of which one died (the failure may have surfaced outside next(), e.g. in
-            # DataLoader's SIGCHLD handler): restarting them would wait for the dead one
-            self._discard(ds._ring, kept)
-        ring = self._prepare_ring(self._dataloader)
-        epoch = ds.epoch
-        ds._publish_position()  # read by the stream's __iter__ (in each worker) when iter() starts them
-        try:
-            it = iter(self._dataloader)
-        except Exception:
-            self._discard(ring, getattr(self._dataloader, "_iterator", None))
-            raise
-        try:
-            while True:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-                except Exception as e:
-                    # Any failure (a DataError, a worker that died) leaves the iterator unusable; a
-                    # persistent one would be reused by the next iteration and fail again. Discard it:
-                    # the next iteration starts fresh workers from the position, which only moves on a
-                    # yielded batch.
-                    self._discard(ring, it)
-                    if isinstance(e, DataError):
-                        raise DataError(_worker_message(str(e))) from None
-                    raise
-                if isinstance(batch, _SlotGroup):
-                    batch = batch.take()
-                for b in batch if isinstance(batch, list) else (batch,):
-                    if ds.epoch != epoch:
-                        raise RuntimeError("the stream's position changed while a Loader was iterating it")
-                    # the running iteration's workers already hold their start: only the main process's
-                    # count moves
-                    ds._set_position(epoch, ds.batches_done + 1, publish=False)
-                    yield b
-        finally:
-            if ring is not None:
-                ring.new_generation()  # ended or abandoned: a worker waiting for a slot of it stops
-
-    def _prepare_ring(self, dataloader: DataLoader) -> BatchRing | None:
-        """The ring this iteration's workers write into. A fresh one whenever DataLoader is about to start
-        workers: those of an abandoned iterator may still be writing into the previous one."""
-        ds = self.dataset
-        if dataloader.num_workers == 0:
-            return None
-        restart = dataloader.persistent_workers and getattr(dataloader, "_iterator", None) is not None
-        if ds._ring is None or not restart:
-            # DataLoader holds up to prefetch_factor items per worker, and asks for the next one before
-            # the current one is copied out
-            slots = (dataloader.prefetch_factor + 1) * BATCHES_PER_MESSAGE
-            ds._ring = BatchRing(dataloader.num_workers, slots, ds.max_tokens * ds.dim)
-        ds._ring.new_generation()
-        return ds._ring
-
-    def _discard(self, ring: BatchRing | None, it) -> None:
-        """Drop a failed DataLoader iterator and its workers; the next iteration starts fresh ones (and,
-        with no iterator kept, a fresh ring)."""
-        if ring is not None:
-            ring.new_generation()  # a worker waiting for a slot stops, so shutdown is quick
-        if it is None:
-            return
-        # Left to garbage collection, workers of a failed iterator take seconds to join.
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        if self._dataloader is not None and getattr(self._dataloader, "_iterator", None) is it:
-            self._dataloader._iterator = None
-
-    def state_dict(self) -> dict:
-        ds = self.dataset
-        return {
-            "epoch": ds.epoch,
-            "batches_done": ds.batches_done,
-            "global_batches_done": ds.batches_done * ds.world_size,
-            "seed": ds.seed,
-            "world_size": ds.world_size,
-            "num_batches": ds.num_batches(),
-            "num_items": ds.num_items,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        ds = self.dataset
-        if state["seed"] != ds.seed:
-            raise UserError(f"loader state was saved with seed {state['seed']}, this stream has seed {ds.seed}")
-        if state["num_items"] != ds.num_items:
-            raise UserError(
-                f"loader state was saved for {state['num_items']} items, this stream plans {ds.num_items} "
-                "(another dataset, ids, or max_len?)"
-            )
-        if state["world_size"] == ds.world_size:
-            if state["num_batches"] != ds.num_batches():
-                raise UserError(
-                    f"loader state was saved with {state['num_batches']} batches per epoch, this stream has "
-                    f"{ds.num_batches()} (another max_tokens or drop_last?)"
-                )
-            done = state["batches_done"]
-        else:
-            done = state["global_batches_done"] // ds.world_size
-        ds._set_position(int(state["epoch"]), int(done))
-
-
-def _worker_message(message: str) -> str:
-    """The original one-line message of a DataError re-raised by DataLoader from a worker (which prefixes
-    "Caught DataError in DataLoader worker process N" and the worker's traceback)."""
-    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
-    at = message.rfind(marker)
-    return message[at + len(marker) :].strip() if at >= 0 else message
-
-
-def make_loader(
-    dataset: ShardStream,
-    num_workers: int = 2,
-    pin_memory: bool = True,
-    prefetch_factor: int = 4,
-    persistent_workers: bool = True,
-    multiprocessing_context: str | None = None,
-) -> Loader:
-    """A Loader over `dataset`: DataLoader with batch_size=None (the stream batches), pinned memory only
-    when CUDA is available, about `prefetch_factor` batches in flight per worker (rounded up to whole
-    blocks of BATCHES_PER_MESSAGE), workers kept across epochs.
-
-    Workers build batches in a shared-memory ring allocated once per worker start (per worker, a block
-    more than its batches in flight, each slot max_tokens * dim float32) and send only metadata; the main
-    process pays one copy per batch (into pinned memory on CUDA). Workers pay off when the main process is busy driving an accelerator;
-    with an idle main process on few cores num_workers=0 is as fast (benchmarks/bench_loader.py).
-    """
-    kwargs: dict = {"num_workers": num_workers, "pin_memory": bool(pin_memory and torch.cuda.is_available())}
-    if num_workers > 0:
-        kwargs.update(
-            # DataLoader counts items, blocks of BATCHES_PER_MESSAGE batches
-            prefetch_factor=max(1, -(-prefetch_factor // BATCHES_PER_MESSAGE)),
-            persistent_workers=persistent_workers,
-            multiprocessing_context=multiprocessing_context,
-        )
-    return Loader(dataset, **kwargs)

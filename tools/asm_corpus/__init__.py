@@ -6,7 +6,6 @@ instruction (fields.py documents them), decoded with iced-x86 when it is importa
     python -m tools.asm_corpus --out DIR [--max-mb N] [--seed S] [--format mixed|json|object|jsonl]
         [--binaries PATH ...] [--split F] [--test-split F] [--jobs N] [--decoder auto|iced|objdump]
     python -m tools.asm_corpus --check     # exit 0 if a corpus can be built here
-
     from tools import asm_corpus          # with the repository root on sys.path
     if asm_corpus.available():
         manifest = asm_corpus.build_corpus("data/asm", max_mb=30, seed=0)

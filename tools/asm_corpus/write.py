@@ -1,17 +1,4 @@
-"""The output folder: one writer per binary, folder names, and replacing a previous corpus.
-
-    DIR/.manifest.json                         binaries, counts, split, field names (hidden:
-                                               `streamtrain convert DIR` reads only the records)
-    DIR/train/<binary>/part-00000.jsonl        one record per line (array or object)
-    DIR/train/<binary>/fn-00000.json           one function per file
-    DIR/val/<binary>/...                       only with --split F > 0 (model selection)
-    DIR/test/<binary>/...                      only with --test-split F > 0 (the report)
-
-Record forms: ``[[28 numbers], ...]`` (format ``json``; ``jsonl`` lines) or ``{"sequence": [...]}``
-(format ``object``); ``mixed`` is a seeded mix of all three (functions shorter than 64 instructions
-always go to jsonl parts so the file count stays sane).  ``json`` / ``object`` write one file per
-function and therefore take at most 256 functions per binary.
-"""
+"""The output folder: one writer per binary, folder names, and replacing a previous corpus."""
 
 from __future__ import annotations
 
@@ -25,6 +12,18 @@ from pathlib import Path
 
 from .errors import CorpusError
 from .split import SPLITS
+
+#     DIR/.manifest.json                         binaries, counts, split, field names (hidden:
+#                                                `streamtrain convert DIR` reads only the records)
+#     DIR/train/<binary>/part-00000.jsonl        one record per line (array or object)
+#     DIR/train/<binary>/fn-00000.json           one function per file
+#     DIR/val/<binary>/...                       only with --split F > 0 (model selection)
+#     DIR/test/<binary>/...                      only with --test-split F > 0 (the report)
+#
+# Record forms: ``[[28 numbers], ...]`` (format ``json``; ``jsonl`` lines) or ``{"sequence": [...]}``
+# (format ``object``); ``mixed`` is a seeded mix of all three (functions shorter than 64 instructions
+# always go to jsonl parts so the file count stays sane).  ``json`` / ``object`` write one file per
+# function and therefore take at most 256 functions per binary.
 
 __all__ = [
     "FORMATS",

@@ -1,0 +1,1 @@
+"""Evaluation of a checkpoint against persistence and mean baselines."""

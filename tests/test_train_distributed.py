@@ -1,0 +1,152 @@
+"""distributed: the packed per-step control exchange and the broadcast of rank 0's validation sums."""
+
+import pytest
+import torch
+
+from streamtrain.train.distributed import (
+    DistInfo,
+    StepControl,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_from_main,
+    exchange_step_control,
+)
+
+
+def test_alone_every_collective_is_the_identity():
+    info, cpu = DistInfo(), torch.device("cpu")
+    assert not info.enabled and info.is_main
+    assert exchange_step_control(info, cpu, 17, True, False) == StepControl(17, True, False)
+    values = torch.arange(3.0)
+    summed = all_reduce_sum(info, values)
+    assert torch.equal(summed, values) and summed is not values
+    assert all_reduce_max(info, cpu, 2.5) == 2.5
+    assert broadcast_from_main(info, values) is values
+
+
+def _two_ranks(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        info, cpu = DistInfo(rank, 2, rank), torch.device("cpu")
+        # rank 0 caught a signal, rank 1's clock ran out: both learn both, with the summed count
+        control = exchange_step_control(info, cpu, [3, 2**40][rank], stop=rank == 0, time_up=rank == 1)
+        quiet = exchange_step_control(info, cpu, 1, stop=False, time_up=False)
+        sums = broadcast_from_main(info, torch.full((4,), float(rank + 7), dtype=torch.float64))
+        results.put((rank, control, quiet, sums.tolist(), all_reduce_max(info, cpu, float(rank))))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_count_and_the_flags(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(rank, str(tmp_path / "init"), results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, control, quiet, sums, peak in got:
+        assert control == StepControl(3 + 2**40, True, True)
+        assert quiet == StepControl(2, False, False)
+        assert sums == [7.0] * 4  # rank 0's values everywhere
+        assert peak == 1.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digest(tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fit_rank(rank: int, port: int, flags: dict, resume: bool, results) -> None:
+    """One rank of a 2-process `fit` on CPU (gloo), as torchrun would start it. Reports the digests of the
+    weights it starts fit() with and of a dropout-active forward pass drawn from its RNG right then (the
+    RNG state is put back, so the run itself is undisturbed)."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import streamtrain.train.run as fitrun
+
+    probe = {}
+
+    class ProbedTrainer(fitrun.Trainer):
+        def fit(self):
+            state = torch.get_rng_state()
+            with torch.no_grad():
+                out = self.model.train()(torch.ones(2, 16, self.cfg.model.dim))
+            torch.set_rng_state(state)
+            probe["weights"] = _digest(self.model.parameters())
+            probe["dropout"] = _digest([out])
+            return super().fit()
+
+    fitrun.Trainer = ProbedTrainer  # this process only
+    code = fitrun.run_fit(flags, resume=resume)
+    results.put((rank, code, probe["weights"], probe["dropout"]))
+
+
+def _spawn_fit(flags: dict, resume: bool = False) -> list:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_fit_rank, args=(rank, port, flags, resume, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [code for _, code, _, _ in got] == [0, 0]
+    return got
+
+
+@pytest.mark.slow
+def test_each_rank_has_its_own_dropout_stream_reproducibly_and_resumes_it_exactly(tmp_path):
+    """Both ranks start from the same weights but draw different dropout masks; a second run draws the same
+    masks again; a run stopped half-way and resumed ends with the uninterrupted run's weights, bit for bit
+    (every rank's RNG is in the checkpoint)."""
+    from conftest import write_dataset
+    from test_train_trainer import TINY, _sequences
+
+    from streamtrain.train.checkpoint import load_checkpoint
+
+    write_dataset(tmp_path / "data", _sequences(37), shard_bytes=1500)
+    common = {**TINY, "data": str(tmp_path / "data"), "batch_tokens": 96, "dropout": 0.2, "lr": 3e-3,
+              "decay_steps": 6, "device": "cpu", "save_every": 0}
+    full = _spawn_fit({**common, "out": str(tmp_path / "full"), "max_steps": 6})
+    (_, _, weights0, dropout0), (_, _, weights1, dropout1) = full
+    assert weights0 == weights1  # the model was initialised alike on every rank
+    assert dropout0 != dropout1  # but each rank masks its own way
+
+    half = _spawn_fit({**common, "out": str(tmp_path / "half"), "max_steps": 3})
+    assert [(w, d) for _, _, w, d in half] == [(w, d) for _, _, w, d in full]  # run to run: the same masks
+    rng = load_checkpoint(tmp_path / "half/checkpoints/last.pt")["rng_by_rank"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    _spawn_fit({"out": str(tmp_path / "half"), "max_steps": 6, "quiet": True}, resume=True)
+
+    a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")
+    b = load_checkpoint(tmp_path / "half/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
