@@ -12,9 +12,12 @@ from streamtrain.errors import UserError
 __all__ = ["option", "flag_name", "check_finite_floats"]
 
 
-def option(default: Any, help: str, unit: str = "", flag: bool = True, inf_ok: bool = False) -> Any:
-    """A config field. `inf_ok`: a float field where +inf means "no limit"; every other float must be finite."""
-    return field(default=default, metadata={"help": help, "unit": unit, "flag": flag, "inf_ok": inf_ok})
+def option(default: Any, help: str, unit: str = "", flag: bool = True, inf_ok: bool = False,
+           repeat: bool = False) -> Any:
+    """A config field. `inf_ok`: a float field where +inf means "no limit"; every other float must be finite.
+    `repeat`: a str field whose flag may be given several times; its value is then a list of str."""
+    return field(default=default, metadata={"help": help, "unit": unit, "flag": flag, "inf_ok": inf_ok,
+                                            "repeat": repeat})
 
 
 def flag_name(name: str) -> str:

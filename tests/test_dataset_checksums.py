@@ -132,7 +132,7 @@ def test_a_worker_refuses_a_shard_changed_after_the_stream_was_built(data):
     message = str(err.value)
     assert str(shard) in message and "checksum mismatch" in message
     assert "\n" not in message and "Traceback" not in message
-    assert ds._reader is None  # the main process mapped nothing: a worker found it
+    assert ds._readers == [None]  # the main process mapped nothing: a worker found it
     bad_ids = _shard_ids(index, victim)
     assert not any(bad_ids & set(b.ids.tolist()) for b in yielded)  # no row of it reached a batch
 

@@ -167,6 +167,7 @@ def commit(out, groups, build, built, old_groups, prev_index, settings, dim, dim
         lengths_sha256=hashlib.sha256(lengths_buf).hexdigest(),
         num_rejected=len(rejects),
         extra={
+            "length_histogram": dataset.length_histogram_json(lengths),
             "num_records": num_records,
             "num_ignored_files": num_ignored,
             "num_files": len(src_list),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamtrain.dataset.stats import length_histogram
+
 __all__ = [
     "Items",
     "Plan",
@@ -26,6 +28,7 @@ __all__ = [
     "plan_epoch",
     "deal_batches",
     "pad_fraction",
+    "rounding_pad_fraction",
     "split_ids",
 ]
 
@@ -92,22 +95,6 @@ def window_items(lengths: np.ndarray, max_len: int, ids: np.ndarray | None = Non
     offsets = k * stride
     item_lengths = np.minimum(np.repeat(lengths, num_windows) - offsets, max_len)
     return Items(item_ids, offsets, item_lengths)
-
-
-def length_histogram(lengths: np.ndarray, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct lengths, how many sequences have each), int64, in one chunked pass (memory-mapped lengths
-    of 100M sequences are read once, with bounded temporaries)."""
-    lengths = np.asarray(lengths)
-    total = np.zeros(0, dtype=np.int64)
-    for a in range(0, len(lengths), chunk):
-        part = np.bincount(np.asarray(lengths[a:a + chunk], dtype=np.int64))
-        if len(part) > len(total):
-            part[: len(total)] += total
-            total = part
-        else:
-            total[: len(part)] += part
-    values = np.flatnonzero(total)
-    return values.astype(np.int64), total[values].astype(np.int64)
 
 
 def item_length_histogram(values: np.ndarray, counts: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +257,15 @@ def pad_fraction(item_lengths: np.ndarray, plan: Plan) -> float:
     sizes = np.diff(plan.starts)
     padded = float((sizes * plan.padded_len).sum())
     return 1.0 - float(np.asarray(item_lengths).sum()) / padded if padded else 0.0
+
+
+def rounding_pad_fraction(values: np.ndarray, counts: np.ndarray, bounds: np.ndarray) -> float:
+    """Share of padded tokens that rounding items of these lengths (a histogram) up to their bucket bound
+    wastes: the padding of a plan whose batches are all full."""
+    values = np.asarray(values, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float64)
+    padded = float((np.asarray(bounds)[np.searchsorted(bounds, values)] * counts).sum())
+    return 1.0 - float((values * counts).sum()) / padded if padded else 0.0
 
 
 def split_ids(num_sequences: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

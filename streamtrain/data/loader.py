@@ -147,10 +147,10 @@ class Loader:
                 "(another dataset, ids, or max_len?)"
             )
         if state["world_size"] == ds.world_size:
-            if state["num_batches"] != ds.num_batches():
+            if state["num_batches"] != ds.num_batches(int(state["epoch"])):
                 raise UserError(
-                    f"loader state was saved with {state['num_batches']} batches per epoch, this stream has "
-                    f"{ds.num_batches()} (another max_tokens or drop_last?)"
+                    f"loader state was saved with {state['num_batches']} batches in epoch {state['epoch']}, this "
+                    f"stream has {ds.num_batches(int(state['epoch']))} (another max_tokens, window or drop_last?)"
                 )
             done = state["batches_done"]
         else:

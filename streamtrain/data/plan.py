@@ -167,6 +167,7 @@ class EpochPlan:
         pad_multiple: int = 8,
         max_sequences: int | None = None,
         span: int = 2,
+        tags: np.ndarray | None = None,
     ):
         if span < 1:
             raise ValueError(f"span must be >= 1 window, got {span}")
@@ -190,6 +191,7 @@ class EpochPlan:
         self.window = n_units if window is None or window >= n_units else int(window)
         self.unit_starts = np.asarray(unit_starts, dtype=np.int64)[order]
         self.unit_stops = np.asarray(unit_stops, dtype=np.int64)[order]
+        self.unit_tags = (np.arange(n_units, dtype=np.int64) if tags is None else np.asarray(tags, dtype=np.int64))[order]
         counts = np.asarray(counts, dtype=np.int64)[order]
         tokens = np.asarray(tokens, dtype=np.int64)[order]
         self.num_windows = -(-n_units // self.window) if n_units else 0
@@ -240,6 +242,36 @@ class EpochPlan:
         lo = int(self._sim.carry_from[j].min()) * self.window if self.num_windows else 0
         hi = min(len(self.unit_starts), (j + 1) * self.window)
         return list(zip(self.unit_starts[lo:hi].tolist(), self.unit_stops[lo:hi].tolist()))
+
+    def window_tags(self, j: int) -> list[int]:
+        """The tags (e.g. shard numbers) of the units window j's batches read, as `window_units`."""
+        lo = int(self._sim.carry_from[j].min()) * self.window if self.num_windows else 0
+        hi = min(len(self.unit_starts), (j + 1) * self.window)
+        return self.unit_tags[lo:hi].tolist()
+
+    def window_starts(self) -> np.ndarray:
+        """(num_windows + 1,) the first epoch batch of each window, then num_batches."""
+        return self._sim.batch_starts
+
+    def sample_rows(self, size: int, padded_len: int) -> BatchRows:
+        """Up to `size` items of the bucket of `padded_len`, from the first windows that hold some: rows of
+        the epoch's real data with that shape, for timing a step (not a batch of the epoch)."""
+        b = int(np.searchsorted(self.bounds, padded_len))
+        if b >= len(self.bounds) or self.bounds[b] != padded_len:
+            raise ValueError(f"{padded_len} is not a bucket bound of this plan")
+        parts: list[tuple[Items, int, int]] = []
+        got = 0
+        for j in range(self.num_windows):
+            items, bounds = self._bucket_lists(j)
+            a, e = int(bounds[b]), int(bounds[b + 1])
+            take = min(e - a, size - got)
+            if take > 0:
+                parts.append((items, a, a + take))
+                got += take
+            if got >= size:
+                break
+        cat = lambda f: np.concatenate([f(i)[a:e] for i, a, e in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
+        return BatchRows(cat(lambda i: i.ids), cat(lambda i: i.offsets), cat(lambda i: i.lengths), padded_len)
 
     # -- batches --------------------------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """`ShardStream`: an IterableDataset of length-bucketed, padded batches for one rank, with a position for
-exact resume. The order and the remainder policy are described here; the Loader that moves the position,
-and the DataLoader workers, in `loader`.
+exact resume; the order is `plan.EpochPlan`'s (batches formed inside windows of shards), dealt to ranks and
+then to DataLoader workers. The Loader that moves the position lives in `loader`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,7 +16,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.batch import Batch, assemble_batch
+from streamtrain.data.plan import BatchRows, EpochPlan, bucket_lookup, unit_bucket_counts
 from streamtrain.data.reader import ShardReader
+from streamtrain.data.sources import SourceSet
 from streamtrain.data.transport import (
     BATCHES_PER_MESSAGE,
     BatchRing,
@@ -22,54 +27,52 @@ from streamtrain.data.transport import (
     shared_tensor,
 )
 from streamtrain.dataset import Index, read_index
-from streamtrain.dataset.checksums import index_files, verified_lengths, verify_files
+from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
 
-__all__ = ["ShardStream"]
+__all__ = ["ShardStream", "DEFAULT_WINDOW"]
+
+# Shards per window of the epoch plan: a rank reads the shards of one window (and the one before, for the
+# few items carried over) at a time. 8 shards of a 64 MB-input dataset hold ~120k instruction sequences,
+# plenty to shuffle; a dataset of at most this many shards is planned as one window.
+DEFAULT_WINDOW = 8
 
 
 class ShardStream(IterableDataset):
-    """Token-budget batches from a dataset folder, for one rank; see the module docstring for the order.
+    """Token-budget batches from one dataset folder, or several mixed by weight, for one rank.
 
-    root: dataset folder (index.json, lengths.npy, shards/).
+    root: a dataset folder, or a list of (folder, weight) to mix (see `sources`: each epoch takes from
+        each its weight's share of the epoch's tokens; ids are then positions in the concatenation).
     max_tokens: bound on padded tokens B * T of every batch.
     seed, shuffle: the order is a pure function of (seed, epoch, world_size); shuffle=False gives a fixed
-        order (id order within ascending buckets), for evaluation.
+        order (dataset order, buckets ascending within a window), for evaluation.
     rank, world_size: this process's share of every epoch.
     max_len: longer sequences become windows overlapping by one vector (default: max_tokens rounded down
         to pad_multiple, the longest row a batch can hold).
-    drop_last: remainder policy when the batch count is not a multiple of world_size.
-    ids: optional global ids to use (e.g. a train/val split from `bucketing.split_ids`).
-    pad_multiple: padded T is a multiple of this.
-    max_shapes: most distinct padded T values (see `bucketing.bucket_bounds`).
-    max_sequences: at most this many rows per batch (with max_tokens >= max_sequences * max_len this is
-        a fixed batch size B of similar-length sequences, except the last batch of each bucket).
+    drop_last: remainder policy when the batch count is not a multiple of world_size: False repeats fewer
+        than world_size batches from the start of the epoch's list so every rank gets
+        ceil(num_batches / world_size); True drops the last num_batches % world_size.
+    ids: optional global ids to use (one source only; e.g. a train/val split from `bucketing.split_ids`).
+    pad_multiple, max_shapes: padded T is a multiple of pad_multiple, from at most max_shapes values
+        (`bucketing.bucket_bounds` over the length histogram, stored in index.json by convert).
+    max_sequences: at most this many rows per batch (a fixed batch size B of similar-length sequences).
+    window, span: shards per window of the epoch plan (None: the whole dataset as one window) and how many
+        consecutive windows a batch may read (`plan.EpochPlan`).
+    epoch_tokens: with several sources, real tokens per epoch (default: all sources' tokens together).
     verify: check the sha256 of the lengths file and of every shard against index.json before any of its
-        rows is used, in every process (see the module docstring); False for storage you trust.
-    max_open_shards: most shards memory-mapped at once per process (default
-        `reader.DEFAULT_MAX_OPEN_SHARDS`); the least recently used is unmapped first.
+        rows is used, in every process (`dataset.checksums`); False for storage you trust.
+    max_open_shards: most shards memory-mapped at once per process (`reader.DEFAULT_MAX_OPEN_SHARDS`).
 
-    Only index.json and lengths.npy are read here (and, with verify, every shard hashed whose file version
-    was not verified before); shards are memory-mapped lazily in the process that iterates, so the object
-    pickles small into DataLoader workers.
-
-    Order of an epoch: `bucketing.plan_epoch(seed, epoch)` gives the global list of batches; whole batches
-    are dealt round-robin to ranks (`bucketing.deal_batches`), then to DataLoader workers in blocks of
-    BATCHES_PER_MESSAGE consecutive batches (block j of an iteration to worker j % W).
-
-    Remainder policy (world_size > 1): `drop_last=False` (default) repeats fewer than world_size batches from
-    the start of the epoch's shuffled list so every rank gets ceil(num_batches / world_size) batches;
-    `drop_last=True` drops the last num_batches % world_size. With world_size 1 every item (a sequence, or
-    each window of a long one) is yielded exactly once per epoch.
-
-    Checksums (`verify=True`, the default): building a ShardStream checks the lengths file and every shard
-    against index.json, hashing only file versions not verified before (`checksums.verify_files`); every
-    process that then maps a shard checks the version it mapped (`checksums.check_mapped`).
+    Only index.json and the lengths are read here (and, with verify, shards hashed whose file version was
+    not verified before); planning touches no shard and costs one pass over the lengths; shards are mapped
+    lazily in the process that iterates, so the object pickles small into DataLoader workers. With
+    world_size 1 and one source, every item (a sequence, or each window of a long one) is yielded exactly
+    once per epoch.
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | Sequence[tuple[str | os.PathLike, float]],
         max_tokens: int = 8192,
         seed: int = 0,
         shuffle: bool = True,
@@ -82,6 +85,9 @@ class ShardStream(IterableDataset):
         pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
         max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
+        window: int | None = DEFAULT_WINDOW,
+        span: int = 2,
+        epoch_tokens: int | None = None,
         verify: bool = True,
         max_open_shards: int | None = None,
     ):
@@ -109,7 +115,13 @@ class ShardStream(IterableDataset):
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
         if max_open_shards is not None and max_open_shards < 1:
             raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
-        self.index: Index = read_index(root)
+        if window is not None and window < 1:
+            raise UserError(f"window must be >= 1 shard (or None: one window), got {window}")
+        if span < 1:
+            raise UserError(f"span must be >= 1 window, got {span}")
+        roots, weights = _sources_of(root)
+        self.indexes: list[Index] = [read_index(r) for r in roots]
+        self.index = self.indexes[0]
         self.dim = self.index.dim
         self.max_tokens = int(max_tokens)
         self.seed = int(seed)
@@ -120,103 +132,105 @@ class ShardStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
         self.max_sequences = None if max_sequences is None else int(max_sequences)
+        self.window = None if window is None else int(window)
+        self.span = int(span)
+        self.epoch_tokens = None if epoch_tokens is None else int(epoch_tokens)
         self.verify = bool(verify)
         self.max_open_shards = None if max_open_shards is None else int(max_open_shards)
-        self._check_shard_files()
+        for ix in self.indexes:
+            _check_shard_files(ix)
         if ids is not None:
             ids = np.unique(np.asarray(ids, dtype=np.int64))
             if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
                 raise UserError(f"ids must be in [0, {self.index.num_sequences}), got {ids[0]}..{ids[-1]}")
+        self.sources = SourceSet(self.indexes, weights, ids, self.verify)
         if self.verify:
-            verify_files(index_files(self.index, self._shards_read(ids)))
+            by_source: dict[int, list[int]] = {}
+            for shard in np.unique(self.sources.unit_shards).tolist():
+                s, _, k = self.sources.shard_info(shard)
+                by_source.setdefault(s, []).append(k)
+            for s, ix in enumerate(self.indexes):
+                verify_files(index_files(ix, by_source.get(s, [])))
 
-        lengths = verified_lengths(self.index) if self.verify else self.index.lengths()
-        if ids is None:
-            items = bucketing.window_items(lengths, self.max_len)
-        else:
-            items = bucketing.window_items(lengths[ids], self.max_len, ids)
-        # The items travel pickled into every DataLoader worker, and a dataset may hold 100M sequences:
-        # kept compact (int32 where the values fit; ids and offsets implicit when they are 0..N-1 and 0).
-        self._num_items = len(items)
-        self._item_lengths = _compact(items.lengths)
-        # every sequence once, in id order, unwindowed (windows add items, so equal counts mean none)
-        everything = ids is None or len(ids) == self.index.num_sequences
-        identity = everything and len(items) == self.index.num_sequences
-        self._item_ids = None if identity else _compact(items.ids)
-        self._item_offsets = _compact(items.offsets) if items.offsets.any() else None
-        self.bounds = bucketing.bucket_bounds(items.lengths, self.pad_multiple, max_shapes)
-        del items
-        self._items: bucketing.Items | None = None  # the int64 form for callers, built on first use
-        # Batch counts per bucket do not depend on the shuffle, so they are the same in every epoch.
-        self._num_global_batches = bucketing.plan_epoch(
-            self._item_lengths, self.bounds, self.max_tokens, 0, 0, shuffle=False, max_sequences=self.max_sequences
-        ).num_batches
-        self._num_batches = len(
-            bucketing.deal_batches(self._num_global_batches, 0, self.world_size, self.drop_last)
+        self._item_values, self._item_counts = self._item_histogram()
+        self.bounds = bucketing.bucket_bounds(self._item_values, self.pad_multiple, max_shapes, counts=self._item_counts)
+        self._lookup = bucket_lookup(self.bounds, self.pad_multiple)
+        self._unit_counts, self._unit_tokens = unit_bucket_counts(
+            self.sources.lengths_of, self.sources.unit_starts, self.sources.unit_stops, self._lookup,
+            self.pad_multiple, self.max_len,
         )
+        self._num_items = int(self._unit_counts.sum())
         self._epoch = 0
         self._batches_done = 0
         # (epoch, first batch) of the iteration about to start, read by DataLoader workers when they
         # (re)start; shared memory so that persistent workers see positions set in the main process
         self._iteration_start = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._reader: ShardReader | None = None
-        self._plan_cache: tuple[int, bucketing.Plan] | None = None
+        self._readers: list[ShardReader | None] = [None] * len(self.indexes)
+        self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         # set by a Loader before it starts workers; None: workers hand batches over as tensors
         self.ring: BatchRing | None = None
 
-    def _check_shard_files(self) -> None:
-        for info in self.index.shards:
-            path = self.index.root / info.file
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise DataError(f"{path}: shard file is missing") from None
-            if size != info.bytes:
-                raise DataError(f"{path}: {size} bytes, index.json says {info.bytes} (truncated or replaced shard)")
-
-    def _shards_read(self, ids: np.ndarray | None) -> list[int]:
-        """Numbers of the shards holding rows of `ids` (sorted, unique; None: every sequence)."""
-        if ids is None:
-            return [s for s, info in enumerate(self.index.shards) if info.num_sequences > 0]
-        shards = np.searchsorted(self.index.shard_offsets, ids, side="right") - 1  # non-decreasing
-        return shards[np.concatenate([[True], shards[1:] != shards[:-1]])].tolist() if len(shards) else []
+    def _item_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """The histogram of the items (windows of at most max_len) an epoch plans: each source's length
+        histogram (index.json's, else computed from the lengths), weighted by its share of an epoch."""
+        parts = []
+        for s, src in enumerate(self.sources.sources):
+            stored = src.index.extra.get("length_histogram")
+            if src.ids is None and stored is not None:
+                values, counts = _stored_histogram(src.index, stored)
+            else:
+                lengths = self.sources.lengths(s)
+                values, counts = bucketing.length_histogram(lengths if src.ids is None else lengths[src.ids])
+            parts.append(bucketing.item_length_histogram(values, counts, self.max_len))
+        if len(parts) == 1:
+            return parts[0]
+        tokens = np.array([float((v * c).sum()) for v, c in parts])
+        weights = np.array([src.weight for src in self.sources.sources])
+        total = float(tokens.sum()) if self.epoch_tokens is None else float(self.epoch_tokens)
+        scale = np.where(tokens > 0, total * weights / weights.sum() / np.maximum(tokens, 1.0), 0.0)
+        values = np.concatenate([v for v, _ in parts])
+        counts = np.concatenate([c * f for (_, c), f in zip(parts, scale)])
+        uniq, inverse = np.unique(values, return_inverse=True)
+        return uniq, np.bincount(inverse, weights=counts)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_reader"] = None
-        state["_plan_cache"] = None
-        state["_items"] = None
+        state["_readers"] = [None] * len(self.indexes)
+        state["_plans"] = OrderedDict()
         return state
 
     @property
     def items(self) -> bucketing.Items:
-        """What the plan batches (int64 arrays; batch item indices of `plan()` index into them)."""
-        if self._items is None:
-            n = self._num_items
-            self._items = bucketing.Items(
-                np.arange(n, dtype=np.int64) if self._item_ids is None else self._item_ids.astype(np.int64),
-                np.zeros(n, np.int64) if self._item_offsets is None else self._item_offsets.astype(np.int64),
-                self._item_lengths.astype(np.int64),
-            )
-        return self._items
+        """Every item of the sources' units, in dataset order (int64 arrays for the whole dataset: for
+        inspection and tests; planning never builds them)."""
+        parts = [self.sources.rows_of(a, b, self.max_len)
+                 for a, b in zip(self.sources.unit_starts.tolist(), self.sources.unit_stops.tolist())]
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return bucketing.Items(z, z, z)
+        return bucketing.Items(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "offsets", "lengths")))
+
+    def item_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item lengths, how many items of each an epoch plans), the buckets' source."""
+        return self._item_values, self._item_counts
 
     @property
     def num_items(self) -> int:
+        """Items (sequences, or windows of long ones) of the sources' units: an epoch's count without mixing."""
         return self._num_items
 
     # -- sizes and position ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._num_batches
+        return self.num_batches()
 
-    def num_batches(self) -> int:
-        """Batches this rank yields per epoch (the same in every epoch and on every rank)."""
-        return self._num_batches
+    def num_batches(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in `epoch` (default: the position's), the same on every rank."""
+        return len(self.rank_batches(epoch))
 
-    @property
-    def num_global_batches(self) -> int:
+    def num_global_batches(self, epoch: int | None = None) -> int:
         """Batches in an epoch's plan before dealing to ranks."""
-        return self._num_global_batches
+        return self.plan(self._epoch if epoch is None else epoch).num_batches
 
     @property
     def epoch(self) -> int:
@@ -233,7 +247,8 @@ class ShardStream(IterableDataset):
             self.set_position(int(epoch), 0)
 
     def set_position(self, epoch: int, batches_done: int, publish: bool = True) -> None:
-        if batches_done >= self._num_batches > 0:
+        n = self.num_batches(epoch)
+        if batches_done >= n > 0:
             epoch, batches_done = epoch + 1, 0
         self._epoch, self._batches_done = epoch, batches_done
         if publish:
@@ -245,41 +260,90 @@ class ShardStream(IterableDataset):
 
     # -- plan -----------------------------------------------------------------------------------------
 
-    def plan(self, epoch: int) -> bucketing.Plan:
-        """The global batch list of `epoch` (cached for the last epoch asked)."""
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            plan = bucketing.plan_epoch(
-                self._item_lengths, self.bounds, self.max_tokens, self.seed, epoch, self.shuffle, self.max_sequences
-            )
-            self._plan_cache = (epoch, plan)
-        return self._plan_cache[1]
+    def plan(self, epoch: int) -> EpochPlan:
+        """The global batch list of `epoch` (the last few epochs asked are kept)."""
+        plan = self._plans.get(epoch)
+        if plan is not None:
+            return plan
+        src = self.sources
+        units = src.epoch_units(self.seed, epoch, self._unit_tokens, self.max_len, self.epoch_tokens)
+        counts = np.zeros((len(units.starts), len(self.bounds)), np.int64)
+        tokens = np.zeros(len(units.starts), np.int64)
+        whole = units.base >= 0
+        counts[whole], tokens[whole] = self._unit_counts[units.base[whole]], self._unit_tokens[units.base[whole]]
+        cut = np.flatnonzero(~whole)
+        if len(cut):
+            counts[cut], tokens[cut] = unit_bucket_counts(src.lengths_of, units.starts[cut], units.stops[cut],
+                                                          self._lookup, self.pad_multiple, self.max_len)
+        # a partial of the SourceSet, not a closure over self: a plan kept in self._plans must not make the
+        # stream a reference cycle (its open maps would then outlive it until a gc run, and forked
+        # DataLoader workers would inherit them)
+        plan = EpochPlan(
+            functools.partial(src.rows_of, max_len=self.max_len), units.starts, units.stops, counts, tokens, self.bounds,
+            self.max_tokens, self.seed, epoch, shuffle=self.shuffle, window=self.window, span=self.span,
+            pad_multiple=self.pad_multiple, max_sequences=self.max_sequences, tags=units.shards,
+        )
+        self._plans[epoch] = plan
+        while len(self._plans) > 2:
+            self._plans.popitem(last=False)
+        return plan
 
-    def rank_batches(self) -> np.ndarray:
-        """Epoch batch numbers (into `plan(epoch)`) this rank yields, in order; the same for every epoch."""
-        return bucketing.deal_batches(self._num_global_batches, self.rank, self.world_size, self.drop_last)
+    def rank_batches(self, epoch: int | None = None) -> np.ndarray:
+        """Epoch batch numbers (into `plan(epoch)`) this rank yields, in order."""
+        n = self.num_global_batches(epoch)
+        return bucketing.deal_batches(n, self.rank, self.world_size, self.drop_last)
+
+    def shards_needed(self, epoch: int | None = None, start: int = 0) -> list[tuple[int, int]]:
+        """The shards this rank reads from its batch `start` of `epoch` on, in the order first needed:
+        [(global shard number, the rank-local batch from which it is needed)] (a shard's global number
+        counts the shards of earlier sources first; `sources.shard_info` resolves it). A shard not listed
+        is not read again this epoch."""
+        epoch = self._epoch if epoch is None else epoch
+        plan, mine = self.plan(epoch), self.rank_batches(epoch)
+        starts = plan.window_starts()
+        seen: dict[int, int] = {}
+        done_windows = set()
+        for k in range(start, len(mine)):
+            j = int(np.searchsorted(starts, mine[k], side="right") - 1)
+            if j in done_windows:
+                continue
+            done_windows.add(j)
+            for shard in plan.window_tags(j):
+                seen.setdefault(shard, k)
+        return sorted(seen.items(), key=lambda kv: kv[1])
 
     # -- reading --------------------------------------------------------------------------------------
 
-    @property
-    def reader(self) -> ShardReader:
-        if self._reader is None:
-            self._reader = ShardReader(self.index, verify=self.verify, max_open_shards=self.max_open_shards)
-        return self._reader
+    def reader(self, source: int = 0) -> ShardReader:
+        """The ShardReader of `source` in this process."""
+        if self._readers[source] is None:
+            self._readers[source] = ShardReader(self.indexes[source], verify=self.verify,
+                                                max_open_shards=self.max_open_shards)
+        return self._readers[source]
 
-    def _rows(self, item_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """int64 (ids, offsets, lengths) of the rows of a batch (new arrays: they become the Batch's)."""
-        idx = np.asarray(item_indices)
-        ids = np.array(idx, dtype=np.int64) if self._item_ids is None else self._item_ids[idx].astype(np.int64)
-        offsets = (
-            np.zeros(len(idx), np.int64) if self._item_offsets is None else self._item_offsets[idx].astype(np.int64)
-        )
-        return ids, offsets, self._item_lengths[idx].astype(np.int64)
+    def _gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                zero_padding: bool) -> None:
+        """Fill out[:len(ids)] from the sources; rows are grouped by source (see `_rows`)."""
+        for s, sel in self.sources.split_ids(ids):
+            a, b = int(sel[0]), int(sel[-1]) + 1
+            self.reader(s).gather(out[a:b], self.sources.to_local(s, ids[a:b]), offsets[a:b], lengths[a:b],
+                                  zero_padding=zero_padding)
 
-    def make_batch(self, item_indices: np.ndarray, padded_len: int, shared: bool = False) -> Batch:
-        """Copy the items into one zero-padded (B, T, D) array; `shared`: allocate it in shared memory so a
-        DataLoader worker hands it to the main process without another copy."""
-        ids, offsets, lengths = self._rows(item_indices)
-        shape = (len(item_indices), padded_len, self.dim)
+    def _rows(self, rows: BatchRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int64 (ids, offsets, lengths) of a batch (new arrays: they become the Batch's); with several
+        sources, grouped by source (stable), so each source fills one block of rows."""
+        ids, offsets, lengths = (np.array(a, dtype=np.int64) for a in (rows.ids, rows.offsets, rows.lengths))
+        if self.sources.mixed and len(ids):
+            order = np.argsort(self.sources.source_of_ids(ids), kind="stable")
+            ids, offsets, lengths = ids[order], offsets[order], lengths[order]
+        return ids, offsets, lengths
+
+    def make_batch(self, rows: BatchRows, shared: bool = False) -> Batch:
+        """Copy a batch's rows into one zero-padded (B, T, D) array; `shared`: allocate it in shared memory so
+        a DataLoader worker hands it to the main process without another copy."""
+        ids, offsets, lengths = self._rows(rows)
+        padded_len = rows.padded_len
+        shape = (len(ids), padded_len, self.dim)
         if shared:
             x = shared_tensor(int(np.prod(shape)), torch.float32).view(shape)
             out = x.numpy()
@@ -288,21 +352,20 @@ class ShardStream(IterableDataset):
             out = np.zeros(shape, dtype=np.float32)
             x = torch.from_numpy(out)
         # padding zeroed explicitly, not left to how the shared-memory allocator hands out pages
-        self.reader.gather(out, ids, offsets, lengths, zero_padding=shared)
+        self._gather(out, ids, offsets, lengths, zero_padding=shared)
         return assemble_batch(x, lengths, ids, offsets)
 
-    def _slot_batch(self, ring: BatchRing, worker: int, generation: int, item_indices: np.ndarray,
-                    padded_len: int) -> SlotBatch | None:
+    def _slot_batch(self, ring: BatchRing, worker: int, generation: int, rows: BatchRows) -> SlotBatch | None:
         """Build a batch in a free slot of `ring`; None when the iteration ended while waiting for one."""
         claimed = ring.claim(worker, generation)
         if claimed is None:
             return None
         slot, seq = claimed
-        ids, offsets, lengths = self._rows(item_indices)
-        out = ring.slot(worker, slot, (len(item_indices), padded_len, self.dim))
+        ids, offsets, lengths = self._rows(rows)
+        out = ring.slot(worker, slot, (len(ids), rows.padded_len, self.dim))
         # the slot holds an earlier batch: the rows are overwritten and the padding zeroed, each once
-        self.reader.gather(out, ids, offsets, lengths, zero_padding=True)
-        return SlotBatch(ring.token, worker, slot, seq, padded_len, self.dim, lengths, ids, offsets)
+        self._gather(out, ids, offsets, lengths, zero_padding=True)
+        return SlotBatch(ring.token, worker, slot, seq, rows.padded_len, self.dim, lengths, ids, offsets)
 
     def __iter__(self):
         # Not a generator function: the start is read now, when DataLoader (re)starts the worker, not at
@@ -321,17 +384,17 @@ class ShardStream(IterableDataset):
 
     def _worker_blocks(self, epoch: int, start: int, worker: int, num_workers: int, block: int):
         """This worker's share of the rank's stream from batch `start` on: blocks of up to `block`
-        consecutive batches (lists of (item indices, padded T)), block j of the iteration to worker
+        consecutive batches (lists of BatchRows), block j of the iteration to worker
         j % num_workers. DataLoader hands worker outputs over round-robin in order, so the main process
         sees the same sequence as from one process."""
         plan = self.plan(epoch)
-        mine = self.rank_batches()
+        mine = self.rank_batches(epoch)
         for first in range(start + worker * block, len(mine), num_workers * block):
             yield [plan.batch(int(mine[k])) for k in range(first, min(first + block, len(mine)))]
 
     def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
-        for (items, padded_len), in self._worker_blocks(epoch, start, worker, num_workers, 1):
-            yield self.make_batch(items, padded_len, shared=shared)
+        for (rows,) in self._worker_blocks(epoch, start, worker, num_workers, 1):
+            yield self.make_batch(rows, shared=shared)
 
     def _slot_batches(self, ring: BatchRing, epoch: int, start: int, worker: int, num_workers: int):
         # Frees this worker's slots now, when DataLoader (re)starts the worker: batches of an earlier
@@ -343,17 +406,54 @@ class ShardStream(IterableDataset):
                         num_workers: int):
         for block in self._worker_blocks(epoch, start, worker, num_workers, BATCHES_PER_MESSAGE):
             group = []
-            for items, padded_len in block:
-                batch = self._slot_batch(ring, worker, generation, items, padded_len)
+            for rows in block:
+                batch = self._slot_batch(ring, worker, generation, rows)
                 if batch is None:
                     return
                 group.append(batch)
             yield SlotGroup(group)
 
 
-def _compact(values: np.ndarray) -> np.ndarray:
-    """int64 `values` as int32 when they fit (a copy either way: not a view of a larger array)."""
-    values = np.asarray(values, dtype=np.int64)
-    if len(values) == 0 or (values.min() >= 0 and values.max() < 2**31):
-        return values.astype(np.int32)
-    return values.copy()
+def _sources_of(root) -> tuple[list, list[float]]:
+    """(roots, weights) of `root`: one folder (weight 1), or a list of (folder, weight)."""
+    if isinstance(root, (str, os.PathLike)):
+        return [root], [1.0]
+    pairs = list(root)
+    if not pairs:
+        raise UserError("no dataset given")
+    roots, weights = [], []
+    for item in pairs:
+        if isinstance(item, (str, os.PathLike)):
+            folder, weight = item, 1.0
+        else:
+            folder, weight = item
+        if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
+            raise UserError(f"{folder}: weight must be a finite number > 0, got {weight!r}")
+        roots.append(folder)
+        weights.append(float(weight))
+    return roots, weights
+
+
+def _stored_histogram(index: Index, stored) -> tuple[np.ndarray, np.ndarray]:
+    """index.json's length histogram, checked against its own counts (it is input like any other)."""
+    where = f"{index.root / 'index.json'}: key 'length_histogram'"
+    try:
+        values = np.asarray(stored["lengths"], dtype=np.int64)
+        counts = np.asarray(stored["counts"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise DataError(f"{where} must hold two lists of integers, 'lengths' and 'counts'") from None
+    if (values.ndim != 1 or values.shape != counts.shape or (len(values) and (values.min() < 0 or counts.min() < 0))
+            or int(counts.sum()) != index.num_sequences or int((values * counts).sum()) != index.num_tokens):
+        raise DataError(f"{where} disagrees with num_sequences/num_tokens; re-convert the dataset")
+    return values, counts
+
+
+def _check_shard_files(index: Index) -> None:
+    for info in index.shards:
+        path = index.root / info.file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{path}: shard file is missing") from None
+        if size != info.bytes:
+            raise DataError(f"{path}: {size} bytes, index.json says {info.bytes} (truncated or replaced shard)")

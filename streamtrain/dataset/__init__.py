@@ -48,7 +48,7 @@ from streamtrain.dataset.schema import (
     shard_schema,
 )
 from streamtrain.dataset.shard import open_shard, read_shard, write_shard
-from streamtrain.dataset.stats import RunningStats
+from streamtrain.dataset.stats import RunningStats, length_histogram, length_histogram_json
 from streamtrain.dataset.verify import verify_dataset
 from streamtrain.dataset.writer import DatasetWriter
 
@@ -59,7 +59,7 @@ __all__ = [
     "npy_bytes", "DiskFullError", "naming_full_disk",
     "ShardInfo", "Index", "is_dataset", "read_index", "write_index", "parse_lengths", "load_lengths",
     "read_shard", "open_shard", "write_shard",
-    "RunningStats", "verify_dataset",
+    "RunningStats", "length_histogram", "length_histogram_json", "verify_dataset",
     "LOCK_FILE", "STAGING_PREFIX", "DatasetLock", "new_token", "staging_folder", "install_shards",
     "referenced_files", "is_dataset_file", "collect_leftovers",
     "DatasetWriter",

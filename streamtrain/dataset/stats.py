@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RunningStats"]
+__all__ = ["RunningStats", "length_histogram", "length_histogram_json"]
 
 
 @dataclass
@@ -56,3 +56,26 @@ class RunningStats:
     def from_json(cls, obj: dict) -> "RunningStats":
         mean = np.asarray(obj["mean"], dtype=np.float64)
         return cls(len(mean), int(obj["count"]), mean, np.asarray(obj["m2"], dtype=np.float64))
+
+
+def length_histogram(lengths: np.ndarray, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct lengths, how many sequences have each), int64, in one chunked pass (memory-mapped lengths
+    of 100M sequences are read once, with bounded temporaries)."""
+    lengths = np.asarray(lengths)
+    total = np.zeros(0, dtype=np.int64)
+    for a in range(0, len(lengths), chunk):
+        part = np.bincount(np.asarray(lengths[a:a + chunk], dtype=np.int64))
+        if len(part) > len(total):
+            part[: len(total)] += total
+            total = part
+        else:
+            total[: len(part)] += part
+    values = np.flatnonzero(total)
+    return values.astype(np.int64), total[values].astype(np.int64)
+
+
+def length_histogram_json(lengths: np.ndarray) -> dict:
+    """index.json's `length_histogram`: the distinct sequence lengths and their counts, from which a reader
+    picks its bucket bounds without reading the lengths of every sequence."""
+    values, counts = length_histogram(lengths)
+    return {"lengths": values.tolist(), "counts": counts.tolist()}

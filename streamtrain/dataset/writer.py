@@ -38,7 +38,7 @@ from streamtrain.dataset.schema import (
     shard_name,
 )
 from streamtrain.dataset.shard import write_shard
-from streamtrain.dataset.stats import RunningStats
+from streamtrain.dataset.stats import RunningStats, length_histogram_json
 from streamtrain.errors import DataError
 
 __all__ = ["DatasetWriter"]
@@ -187,7 +187,7 @@ class DatasetWriter:
             std=self.stats.std,
             lengths_file=lengths_file,
             lengths_sha256=hashlib.sha256(buf).hexdigest(),
-            extra={"stats": self.stats.to_json(), **self.extra},
+            extra={"stats": self.stats.to_json(), "length_histogram": length_histogram_json(lengths), **self.extra},
         )
         with naming_full_disk(self.root / INDEX_FILE):
             write_index(index)

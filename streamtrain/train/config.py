@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -33,6 +34,7 @@ __all__ = [
     "resolve_config",
     "write_config",
     "parse_synthetic",
+    "parse_weights",
     "COMPILE_MAX_SHAPES",
     "DERIVED_KEY",
 ]
@@ -42,7 +44,14 @@ COMPILE_MAX_SHAPES = 16  # default --max-shapes with --compile: each padded leng
 
 @dataclass
 class DataConfig:
-    data: str | None = option(None, "dataset folder (index.json + shards) or a folder of raw JSON/JSONL files", "path")
+    data: str | list | None = option(
+        None, "dataset folder (index.json + shards) or a folder of raw JSON/JSONL files; repeat it to mix several "
+        "sources by --weights", "path", repeat=True,
+    )
+    weights: str | None = option(
+        None, "with several --data: each source's share of an epoch's real tokens, in --data order, e.g. 0.7,0.3 "
+        "(default: every source's own size, one pass over each)", "w1,w2,...",
+    )
     synthetic: str | None = option(None, "train on N generated sequences of length L instead of --data", "N,L")
     val_data: str | None = option(None, "dataset folder used for validation", "path")
     val_fraction: float = option(0.0, "share of sequences held out for validation, split by sequence id", "fraction")
@@ -70,6 +79,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_finite_floats(self)
+        if isinstance(self.data, list):
+            if not self.data:
+                raise UserError("--data: no dataset given")
+            if len(self.data) == 1:
+                self.data = self.data[0]
+        if self.weights is not None:
+            parse_weights(self.weights, len(self.sources()))
         if self.synthetic is not None:
             parse_synthetic(self.synthetic)
         if not 0.0 <= self.val_fraction < 1.0:
@@ -84,6 +100,26 @@ class DataConfig:
             raise UserError(f"--max-shapes must be >= 1, got {self.max_shapes}")
         if self.num_workers is not None and self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+    def sources(self) -> list[str]:
+        """The --data paths, in order (one or several)."""
+        if self.data is None:
+            return []
+        return list(self.data) if isinstance(self.data, list) else [self.data]
+
+
+def parse_weights(spec: str, num_sources: int) -> list[float]:
+    """'0.7,0.3' -> [0.7, 0.3]: one finite weight > 0 per --data source."""
+    try:
+        weights = [float(p) for p in str(spec).split(",")]
+    except ValueError:
+        raise UserError(f"--weights expects comma-separated numbers, got {spec!r}") from None
+    if len(weights) != num_sources:
+        raise UserError(f"--weights {spec}: {len(weights)} weights for {num_sources} --data sources")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"--weights {spec}: every weight must be a finite number > 0")
+    return weights
 
 
 @dataclass
@@ -210,6 +246,8 @@ class RunConfig:
             raise UserError("give either --data or --synthetic, not both")
         if self.data.val_data is not None and self.data.val_fraction > 0:
             raise UserError("give either --val-data or --val-fraction, not both")
+        if len(self.data.sources()) > 1 and self.data.val_fraction > 0:
+            raise UserError("--val-fraction splits one dataset; with several --data sources give --val-data")
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:
@@ -256,6 +294,8 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple
             kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.metadata.get("repeat"):
+                kwargs.update(action="append", type=tp, metavar=unit or f.name.upper())
             else:
                 kwargs["type"] = tp
                 kwargs["metavar"] = unit if unit and "," in unit else f.name.upper()
@@ -335,9 +375,13 @@ def _flatten(obj: dict, source: str) -> dict[str, Any]:
     return values
 
 
-def _check_type(name: str, value: Any, tp: type, source: str) -> Any:
+def _check_type(name: str, value: Any, tp: type, source: str, repeat: bool = False) -> Any:
     if value is None:
         return None
+    if repeat and isinstance(value, list):
+        if not all(isinstance(v, tp) for v in value):
+            raise UserError(f"{source}: {name} must be a {tp.__name__} or a list of them, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
@@ -349,7 +393,8 @@ def _check_type(name: str, value: Any, tp: type, source: str) -> Any:
 
 def _build(klass: type, values: dict[str, Any], source: str):
     hints = _hints(klass)
-    kwargs = {f.name: _check_type(f.name, values[f.name], hints[f.name], source) for f in fields(klass) if f.name in values}
+    kwargs = {f.name: _check_type(f.name, values[f.name], hints[f.name], source, f.metadata.get("repeat", False))
+              for f in fields(klass) if f.name in values}
     return klass(**kwargs)
 
 

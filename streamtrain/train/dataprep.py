@@ -7,6 +7,7 @@ held out whatever --seed, the number of ranks or the shuffle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +18,23 @@ import numpy as np
 from streamtrain.dataset import Index, is_dataset, read_index
 from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
-from streamtrain.train.config import RunConfig, parse_synthetic
+from streamtrain.train.config import RunConfig, parse_synthetic, parse_weights
 
-__all__ = ["TrainData", "prepare_data", "resolve_dataset", "make_stream_and_loader"]
+__all__ = ["TrainData", "prepare_data", "resolve_dataset", "make_stream_and_loader", "mixed_index"]
 
 SYNTHETIC_DIM = 28
 
 
 @dataclass
 class TrainData:
-    train_root: Path
+    # one dataset folder, or several with their weights (mixed by ShardStream: each source's share of an
+    # epoch's real tokens)
+    train_root: Path | list[tuple[Path, float]]
     train_ids: np.ndarray | None  # None: every sequence
     val_root: Path | None  # None: no validation
     val_ids: np.ndarray | None
-    index: Index  # of train_root; its mean/std standardize inputs and targets
+    index: Index  # of train_root (with several sources: the first's, with the mix's mean/std); its
+    # mean/std standardize inputs and targets
     val_index: Index | None = None  # of val_root (the same object as index when the split is by id)
 
 
@@ -78,12 +82,27 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
 
             write_synthetic(train_root, num_sequences, length, dim=SYNTHETIC_DIM, seed=cfg.train.seed)
     else:
-        train_root = resolve_dataset(d.data, "--data", cache_root, is_main)
-    index = read_index(train_root)  # shard sizes (and with verify checksums) are checked by each ShardStream
-    if d.verify and is_main:
-        _verify(index)
-    if index.num_sequences == 0:
-        raise DataError(f"{train_root}: the dataset holds no sequences")
+        roots = [resolve_dataset(p, "--data", cache_root, is_main) for p in d.sources()]
+    if d.synthetic is not None or len(roots) == 1:
+        train_root = train_root if d.synthetic is not None else roots[0]
+        index = read_index(train_root)  # shard sizes (and with verify, checksums) are checked by each ShardStream
+        if d.verify and is_main:
+            _verify(index)
+        if index.num_sequences == 0:
+            raise DataError(f"{train_root}: the dataset holds no sequences")
+    else:
+        indexes = [read_index(r) for r in roots]
+        for r, ix in zip(roots, indexes):
+            if d.verify and is_main:
+                _verify(ix)
+            if ix.num_sequences == 0:
+                raise DataError(f"{r}: the dataset holds no sequences")
+            if ix.dim != indexes[0].dim:
+                raise UserError(f"--data {r}: dim {ix.dim} differs from {roots[0]}'s {indexes[0].dim}")
+        weights = (parse_weights(d.weights, len(roots)) if d.weights is not None
+                   else [float(ix.num_tokens) for ix in indexes])
+        train_root = list(zip(roots, weights))
+        index = mixed_index(indexes, weights)
 
     train_ids = val_ids = None
     val_root = val_index = None
@@ -105,10 +124,24 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
                 f"sequences out of {index.num_sequences}; pick a fraction that leaves both non-empty"
             )
         val_root, val_index = train_root, index
-    return TrainData(Path(train_root), train_ids, val_root, val_ids, index, val_index)
+    if not isinstance(train_root, list):
+        train_root = Path(train_root)
+    return TrainData(train_root, train_ids, val_root, val_ids, index, val_index)
 
 
-def make_stream_and_loader(cfg: RunConfig, root: Path, ids: np.ndarray | None, shuffle: bool, rank: int,
+def mixed_index(indexes: list[Index], weights: list[float]) -> Index:
+    """The first index with the mean and std of the mix: a source's share of the epoch's tokens is its
+    weight's share, so the mix's moments are the weighted sums of the sources' (one standardization for
+    every source, the statistics of the stream the model is trained on)."""
+    p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    means = np.stack([ix.mean for ix in indexes])
+    second = np.stack([ix.std ** 2 + ix.mean ** 2 for ix in indexes])
+    mean = p @ means
+    std = np.sqrt(np.maximum(p @ second - mean ** 2, 0.0))
+    return dataclasses.replace(indexes[0], mean=mean, std=std)
+
+
+def make_stream_and_loader(cfg: RunConfig, root: Path | list[tuple[Path, float]], ids: np.ndarray | None, shuffle: bool, rank: int,
                            world_size: int, device, max_shapes: int | None = None):
     """The ShardStream of `root` (restricted to `ids`) with the run's batching flags, and its loader (no
     workers on a CPU, where the model's threads use every core; 2 on CUDA, with pinned memory)."""
@@ -132,6 +165,6 @@ def make_stream_and_loader(cfg: RunConfig, root: Path, ids: np.ndarray | None, s
         kwargs["ids"] = ids
     if max_shapes is not None:
         kwargs["max_shapes"] = max_shapes
-    stream = ShardStream(str(root), **kwargs)
+    stream = ShardStream([(str(r), w) for r, w in root] if isinstance(root, list) else str(root), **kwargs)
     num_workers = d.num_workers if d.num_workers is not None else (0 if device.type == "cpu" else 2)
     return stream, make_loader(stream, num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamtrain.train.checkpoint import capture_rng_state, restore_rng_state
@@ -51,14 +50,12 @@ def _probe_step(model, stream, standardize, device, dim: int) -> Callable[[str, 
     optimizer and the loader's position are never touched."""
     model = copy.deepcopy(model).train()
     plan = stream.plan(0)
-    sizes, lengths = np.diff(plan.starts), np.asarray(plan.padded_len)
     batches: dict[tuple[int, int], Any] = {}
 
     def run(precision: str, shape: ProbeShape) -> None:
         B, T = shape.batch, shape.length
         if (B, T) not in batches:
-            s = int(np.flatnonzero((sizes == B) & (lengths == T))[0])  # a segment of that shape
-            batches[(B, T)] = stream.make_batch(plan.order[plan.starts[s] : plan.starts[s + 1]], T)
+            batches[(B, T)] = stream.make_batch(plan.sample_rows(B, T))
         batch = batches[(B, T)]
         scale = 1.0 / max(valid_target_count(batch.lengths, dim), 1)
         loss = micro_batch_loss(model, batch, standardize, device, scale, lambda: autocast_for(precision, device.type), False)

@@ -3,8 +3,6 @@ times."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from streamtrain.data import bucketing
 
 __all__ = ["plan_shapes", "plan_shape_tokens", "prepare_compile"]
@@ -12,20 +10,12 @@ __all__ = ["plan_shapes", "plan_shape_tokens", "prepare_compile"]
 
 def plan_shapes(stream, epoch: int = 0) -> set[tuple[int, int]]:
     """The distinct (B, T) batch shapes of `epoch`'s plan of a ShardStream (all ranks together)."""
-    plan = stream.plan(epoch)
-    sizes = np.diff(plan.starts)
-    return set(zip(sizes.tolist(), np.asarray(plan.padded_len).tolist()))
+    return set(stream.plan(epoch).shapes())
 
 
 def plan_shape_tokens(stream, epoch: int = 0) -> dict[tuple[int, int], int]:
     """Padded tokens per (B, T) batch shape over `epoch`'s plan of a ShardStream (all ranks together)."""
-    plan = stream.plan(epoch)
-    sizes = np.diff(plan.starts)[plan.batch_order]  # the epoch's batches
-    lengths = np.asarray(plan.padded_len)[plan.batch_order]
-    tokens: dict[tuple[int, int], int] = {}
-    for B, T in zip(sizes.tolist(), lengths.tolist()):
-        tokens[(B, T)] = tokens.get((B, T), 0) + B * T
-    return tokens
+    return {(B, T): B * T * n for (B, T), n in stream.plan(epoch).shapes().items()}
 
 
 def prepare_compile(stream, max_shapes: int) -> str:
@@ -44,12 +34,12 @@ def prepare_compile(stream, max_shapes: int) -> str:
         if hasattr(config, name):  # torch renamed cache_size_limit to recompile_limit in 2.6
             setattr(config, name, max(getattr(config, name), needed))
     # the padding the loader's default shape count would leave, for comparison
-    items = stream.items.lengths
-    default_bounds = bucketing.bucket_bounds(items, stream.pad_multiple, bucketing.DEFAULT_MAX_SHAPES)
-    default_plan = bucketing.plan_epoch(items, default_bounds, stream.max_tokens, 0, 0, shuffle=False)
+    values, counts = stream.item_histogram()
+    default_bounds = bucketing.bucket_bounds(values, stream.pad_multiple, bucketing.DEFAULT_MAX_SHAPES, counts=counts)
     return (
         f"--compile: {len(shapes)} batch shapes (B, T) per epoch over {len(lengths)} padded lengths T "
         f"(--max-shapes {max_shapes}); B is dynamic, so about one compilation per T. Padding: "
-        f"{100 * bucketing.pad_fraction(items, stream.plan(0)):.1f}% of batch tokens "
-        f"({100 * bucketing.pad_fraction(items, default_plan):.1f}% with {len(default_bounds)} lengths uncompiled)"
+        f"{100 * stream.plan(0).pad_fraction:.1f}% of batch tokens "
+        f"({100 * bucketing.rounding_pad_fraction(values, counts, default_bounds):.1f}% with {len(default_bounds)} "
+        "lengths uncompiled)"
     )
