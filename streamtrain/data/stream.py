@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.batch import Batch, assemble_batch
+from streamtrain.data.bounds import histogram_bounds
 from streamtrain.data.plan import BatchRows, EpochPlan, bucket_lookup, unit_bucket_counts
 from streamtrain.data.reader import ShardReader
 from streamtrain.data.sources import SourceSet
@@ -32,12 +33,22 @@ from streamtrain.errors import DataError, UserError
 from streamtrain.storage.cache import ShardCache, parse_bytes
 from streamtrain.storage.location import Location, is_remote
 
-__all__ = ["ShardStream", "DEFAULT_WINDOW"]
+__all__ = ["ShardStream", "DEFAULT_WINDOW_BYTES", "auto_window"]
 
-# Shards per window of the epoch plan: a rank reads the shards of one window (and the one before, for the
-# few items carried over) at a time. 8 shards of a 64 MB-input dataset hold ~120k instruction sequences,
-# plenty to shuffle; a dataset of at most this many shards is planned as one window.
-DEFAULT_WINDOW = 8
+# Shard bytes per window of the epoch plan (window="auto"): a rank reads the shards of one window (and of
+# the one before, for the few items carried over) at a time. A window must hold enough items per length
+# bucket to fill its batches: on the real instruction corpus in 2 MB shards, 8 shards per window (~110 k
+# tokens) left batches 29% full against an 8192-token budget, one window over all 2 M tokens 79%
+# (benchmarks/bench_plan.py). 256 MB is ~2.3 M tokens of 28-float vectors: 4 shards of a default convert.
+DEFAULT_WINDOW_BYTES = 256 << 20
+
+
+def auto_window(indexes: Sequence[Index], window_bytes: int = DEFAULT_WINDOW_BYTES) -> int:
+    """Shards per window so that a window holds about `window_bytes` of shards (at least one shard)."""
+    sizes = [s.bytes for ix in indexes for s in ix.shards]
+    if not sizes:
+        return 1
+    return max(1, int(round(window_bytes / max(1.0, float(np.mean(sizes))))))
 
 
 class ShardStream(IterableDataset):
@@ -58,8 +69,8 @@ class ShardStream(IterableDataset):
     pad_multiple, max_shapes: padded T is a multiple of pad_multiple, from at most max_shapes values
         (`bucketing.bucket_bounds` over the length histogram, stored in index.json by convert).
     max_sequences: at most this many rows per batch (a fixed batch size B of similar-length sequences).
-    window, span: shards per window of the epoch plan (None: the whole dataset as one window) and how many
-        consecutive windows a batch may read (`plan.EpochPlan`).
+    window, span: shards per window of the epoch plan ("auto": about DEFAULT_WINDOW_BYTES of shards; None:
+        the whole dataset as one window) and how many consecutive windows a batch may read (`plan.EpochPlan`).
     epoch_tokens: with several sources, real tokens per epoch (default: all sources' tokens together).
     verify: check the sha256 of the lengths file and of every shard against index.json before any of its
         rows is used, in every process (`dataset.checksums`); False for storage you trust.
@@ -91,7 +102,7 @@ class ShardStream(IterableDataset):
         pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
         max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
-        window: int | None = DEFAULT_WINDOW,
+        window: int | str | None = "auto",
         span: int = 2,
         epoch_tokens: int | None = None,
         verify: bool = True,
@@ -124,8 +135,8 @@ class ShardStream(IterableDataset):
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
         if max_open_shards is not None and max_open_shards < 1:
             raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
-        if window is not None and window < 1:
-            raise UserError(f"window must be >= 1 shard (or None: one window), got {window}")
+        if window != "auto" and window is not None and (not isinstance(window, int) or window < 1):
+            raise UserError(f"window must be >= 1 shard, \"auto\" or None (one window), got {window!r}")
         if span < 1:
             raise UserError(f"span must be >= 1 window, got {span}")
         roots, weights = _sources_of(root)
@@ -142,6 +153,8 @@ class ShardStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
         self.max_sequences = None if max_sequences is None else int(max_sequences)
+        if window == "auto":
+            window = auto_window(self.indexes)
         self.window = None if window is None else int(window)
         self.span = int(span)
         self.epoch_tokens = None if epoch_tokens is None else int(epoch_tokens)
@@ -165,7 +178,7 @@ class ShardStream(IterableDataset):
                     verify_files(index_files(ix, by_source.get(s, [])))
 
         self._item_values, self._item_counts = self._item_histogram()
-        self.bounds = bucketing.bucket_bounds(self._item_values, self.pad_multiple, max_shapes, counts=self._item_counts)
+        self.bounds = histogram_bounds(self._item_values, self._item_counts, self.pad_multiple, max_shapes)
         self._lookup = bucket_lookup(self.bounds, self.pad_multiple)
         self._unit_counts, self._unit_tokens = unit_bucket_counts(
             self.sources.lengths_of, self.sources.unit_starts, self.sources.unit_stops, self._lookup,

@@ -71,9 +71,10 @@ class DataConfig:
         "every batch is padding",
         "shapes",
     )
-    window: int = option(
-        8, "shards per window of the epoch plan: batches are formed inside a window (and the one before), so a "
-        "rank reads a few shards at a time; larger shuffles more widely, smaller needs less cache", "shards",
+    window: int | None = option(
+        None, "shards per window of the epoch plan: batches are formed inside a window (and the one before), so "
+        "a rank reads a few shards at a time; larger shuffles more widely and fills batches better, smaller needs "
+        "less cache (default: about 256 MB of shards)", "shards",
     )
     cache_dir: str | None = option(
         None, "for s3:// / gs:// data: the node-local shard cache, shared by the ranks of a node (default: the user "
@@ -98,7 +99,7 @@ class DataConfig:
                 self.data = self.data[0]
         if self.weights is not None:
             parse_weights(self.weights, len(self.sources()))
-        if self.window < 1:
+        if self.window is not None and self.window < 1:
             raise UserError(f"--window must be >= 1 shard, got {self.window}")
         if self.cache_limit is not None:
             from streamtrain.storage.cache import parse_bytes

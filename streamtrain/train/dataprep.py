@@ -158,7 +158,8 @@ def make_stream_and_loader(cfg: RunConfig, root: Path | list[tuple[Path, float]]
 
     d = cfg.data
     kwargs: dict[str, Any] = {"max_tokens": d.batch_tokens, "seed": cfg.train.seed, "shuffle": shuffle,
-                              "rank": rank, "world_size": world_size, "verify": d.verify, "window": d.window}
+                              "rank": rank, "world_size": world_size, "verify": d.verify,
+                              "window": "auto" if d.window is None else d.window}
     if d.batch is not None:
         kwargs["max_sequences"] = d.batch
     if d.max_len is not None:
