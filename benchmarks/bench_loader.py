@@ -13,6 +13,8 @@ memcpy bound is np.copyto of a large buffer, in tokens/s counting the bytes read
 subset of the corpus (--peer-sequences) because their loading holds every float as a Python object.
 The last line is one JSON object with every figure.
 
+`--remote`: from s3:// (a SeaweedFS server on this machine) against local disk, see bench_remote.py.
+
 Checksums (`ShardStream(verify=...)`), side by side with 0 and 2 workers: epoch throughput measured from
 building the stream (where the up-front pass hashes) to the last batch, for verify off, warm (every file
 version recorded, as a later run finds it), cold (no record: the first run after convert), and naive
@@ -272,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-sizes", default="1",
                    help="comma-separated batches per worker message to also try with 2 workers ('' for none)")
     p.add_argument("--verify-only", action="store_true", help="only the checksum comparison (cold/warm/off/naive)")
+    p.add_argument("--remote", action="store_true",
+                   help="only s3:// (SeaweedFS on 127.0.0.1) against local disk, cold and warm (bench_remote.py)")
+    p.add_argument("--cache-fraction", type=float, default=0.5, help="with --remote: cache limit, share of the data")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -287,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         index = read_index(root)
         lengths = index.lengths()
         dim = index.dim
+        if args.remote:
+            from bench_remote import bench_remote, print_remote
+
+            remote = bench_remote(root, args.max_tokens, args.repeats, args.cache_fraction)
+            print_remote(remote)
+            print(json.dumps({"benchmark": "loader_remote", "num_tokens": index.num_tokens,
+                              "num_shards": len(index.shards), "remote": remote}))
+            return 0
         verify = bench_verify(root, args.max_tokens, args.repeats, cache)
         needed = shards_needed_first(root, args.max_tokens)
         if args.verify_only:

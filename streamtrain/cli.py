@@ -36,16 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(f"streamtrain.commands.{module}")
         mod.add_arguments(p)
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="object storage setting for s3:// and gs:// paths (repeatable): endpoint_url, region, "
+                            "anonymous, access_key, secret_key, session_token, connect_timeout, request_timeout, "
+                            "retry_seconds; never written to any file")
         p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamtrain.storage.location import parse_storage_options, redact, set_default_options
+
     args = build_parser().parse_args(argv)
     try:
+        options = parse_storage_options(args.storage_option)
+        set_default_options(options)
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"streamtrain {args.command}: error: {e}", file=sys.stderr)
+        # no credential reaches a terminal or a log, whatever text an error carries
+        print(f"streamtrain {args.command}: error: {redact(str(e), dict(o.split('=', 1) for o in args.storage_option if '=' in o))}",
+              file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"streamtrain {args.command}: interrupted", file=sys.stderr)

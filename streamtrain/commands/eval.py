@@ -9,7 +9,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by fit (RUN/checkpoints/best.pt)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder to evaluate on")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder (or s3:// / gs:// prefix) to evaluate on")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per batch (default 4096; at least one window of the training context)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
@@ -19,6 +19,10 @@ def add_arguments(parser) -> None:
         help="check the dataset's sha256 checksums against index.json before use, hashing only file versions not "
         "verified before (default; --no-verify: storage you trust)",
     )
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="for an s3:// / gs:// --data: the node-local shard cache (default: the user cache's remote/)")
+    parser.add_argument("--cache-limit", metavar="SIZE", default=None,
+                        help="for a remote --data: most bytes the cache holds, e.g. 20GB (default: no limit)")
     parser.add_argument(
         "--onehot",
         metavar="START:END",
@@ -46,7 +50,7 @@ def run(args) -> int:
             raise UserError(f"--onehot expects START:END (two integers), got {args.onehot!r}") from None
         onehot = (start, end)
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot,
-                                 verify=args.verify)
+                                 verify=args.verify, cache_dir=args.cache_dir, cache_limit=args.cache_limit)
     if report["batch_tokens"] != args.batch_tokens:
         print(
             f"streamtrain eval: --batch-tokens {args.batch_tokens} raised to {report['batch_tokens']} to hold one "

@@ -12,7 +12,9 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("dir", metavar="DIR", help="dataset folder (made by `streamtrain convert`)")
+    parser.add_argument("dir", metavar="DIR", help="dataset folder (made by `streamtrain convert`), or its s3:// / gs:// prefix")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="for a remote dataset: where its index and lengths are cached (default: the user cache's remote/)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--verify", action="store_true",
                         help="re-read every shard and check sizes, checksums and counts against index.json (exit 2 on any mismatch)")
@@ -67,7 +69,14 @@ def run(args) -> int:
     from streamtrain.dataset.summary import render_text, summarize
     from streamtrain.errors import DataError
 
-    s = summarize(args.dir, verify=args.verify)
+    from streamtrain.storage.location import is_remote
+
+    if is_remote(args.dir):
+        from streamtrain.storage.remote import remote_summary
+
+        s = remote_summary(args.dir, args.verify, args.cache_dir)
+    else:
+        s = summarize(args.dir, verify=args.verify)
     if args.json:
         print(json.dumps(s.to_json(), allow_nan=False))
     elif sys.stdout.isatty():

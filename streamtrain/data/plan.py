@@ -53,19 +53,56 @@ def unit_bucket_counts(
     lookup: np.ndarray,
     pad_multiple: int,
     max_len: int,
+    chunk_positions: int = 1 << 20,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items per unit and bucket (int64 (U, nb)) and real tokens per unit (int64 (U,)), from the sequence
-    lengths of each unit's positions (`lengths_of(start, stop)`), windowing sequences longer than max_len
-    as `bucketing.window_items` does. One pass over the lengths, a few vector operations per unit."""
+    lengths of each unit's positions (`lengths_of(start, stop)`), counting sequences longer than max_len as
+    the windows `bucketing.window_items` cuts them into (n - 1 full windows and a last one), without making
+    them. Runs of adjacent units are done together, about `chunk_positions` lengths at a time: one pass over
+    the lengths in a few vector operations per chunk, with memory bounded by the chunk."""
     nb = int(lookup.max()) + 1
-    counts = np.zeros((len(unit_starts), nb), dtype=np.int64)
-    tokens = np.zeros(len(unit_starts), dtype=np.int64)
-    for u, (a, b) in enumerate(zip(np.asarray(unit_starts).tolist(), np.asarray(unit_stops).tolist())):
-        lengths = np.asarray(lengths_of(a, b))
-        if len(lengths) and lengths.max() > max_len:
-            lengths = window_items(lengths, max_len).lengths
-        counts[u] = np.bincount(_buckets(lengths, lookup, pad_multiple), minlength=nb)
-        tokens[u] = int(lengths.sum(dtype=np.int64))
+    starts = np.asarray(unit_starts, dtype=np.int64)
+    stops = np.asarray(unit_stops, dtype=np.int64)
+    U = len(starts)
+    counts = np.zeros((U, nb), dtype=np.int64)
+    tokens = np.zeros(U, dtype=np.int64)
+    stride = max_len - 1
+    # bucket of an item by its length, one gather per item (no division): lengths past the largest bound
+    # map to nb, which `_check_items` reports
+    by_length = np.full(max_len + 1, nb, dtype=np.int16)
+    reach = min(max_len, (len(lookup) - 1) * pad_multiple)
+    by_length[: reach + 1] = lookup[-(-np.arange(reach + 1) // pad_multiple)]
+    u = 0
+    while u < U:
+        v = u + 1
+        while v < U and starts[v] == stops[v - 1] and stops[v] - starts[u] <= chunk_positions:
+            v += 1
+        try:
+            lengths = np.asarray(lengths_of(int(starts[u]), int(stops[v - 1])))
+        except ValueError:  # the run crosses from one source into the next
+            v = u + 1
+            lengths = np.asarray(lengths_of(int(starts[u]), int(stops[u])))
+        edges = np.concatenate([[0], np.cumsum(stops[u:v] - starts[u:v])])
+        long = np.flatnonzero(lengths > max_len)
+        item_len = lengths
+        extra = np.zeros(v - u, np.int64)
+        if len(long):
+            item_len = lengths.astype(np.int64)
+            windows = -(-(item_len[long] - 1) // stride)
+            item_len[long] -= (windows - 1) * stride  # the last window; the others are full
+            np.add.at(extra, np.searchsorted(edges, long, side="right") - 1, windows - 1)
+        buckets = by_length[item_len]
+        if len(buckets) and int(buckets.max()) >= nb:
+            raise ValueError(f"an item of length {int(item_len[buckets >= nb].max())} exceeds the largest bucket bound")
+        for k in range(v - u):
+            counts[u + k] = np.bincount(buckets[edges[k] : edges[k + 1]], minlength=nb)
+        if len(long):
+            counts[u:v, by_length[max_len]] += extra
+        nonempty = edges[:-1] < edges[1:]
+        sums = np.add.reduceat(item_len, edges[:-1][nonempty], dtype=np.int64) if len(item_len) else np.zeros(0, np.int64)
+        tokens[u:v][nonempty] = sums
+        tokens[u:v] += extra * max_len
+        u = v
     return counts, tokens
 
 

@@ -7,6 +7,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -95,12 +96,16 @@ class ShardReader:
     file descriptor (`format.map_file` closes it once mapped), and an evicted map is unmapped when its last
     view goes: a `sequence()` view or a batch being gathered keeps it valid, and batches are copies.
 
+    `fetch(s)`, when given, maps shard s instead of `map_file` and returns the same (buffer, stat): a remote
+    dataset's cache downloads the file first, and may block.
+
     Imports pyarrow and numpy only (never torch).
     """
 
     def __init__(self, root: str | os.PathLike | Index, lengths: np.ndarray | None = None, *, verify: bool = True,
-                 max_open_shards: int | None = None):
+                 max_open_shards: int | None = None, fetch: Callable[[int], object] | None = None):
         self.index = root if isinstance(root, Index) else read_index(root)
+        self._fetch = fetch
         self.dim = self.index.dim
         self.verify = bool(verify)
         self.max_open_shards = DEFAULT_MAX_OPEN_SHARDS if max_open_shards is None else int(max_open_shards)
@@ -139,7 +144,7 @@ class ShardReader:
     def _open(self, s: int) -> _ShardViews:
         info = self.index.shards[s]
         path = Path(self.index.root) / info.file
-        buffer, stat = map_file(path)
+        buffer, stat = map_file(path) if self._fetch is None else self._fetch(s)
         check_size(path, stat.st_size, info.bytes)
         if self.verify:
             check_mapped(path, stat, buffer, info.sha256)

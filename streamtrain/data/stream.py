@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.batch import Batch, assemble_batch
+from streamtrain.data.bounds import histogram_bounds
 from streamtrain.data.plan import BatchRows, EpochPlan, bucket_lookup, unit_bucket_counts
 from streamtrain.data.reader import ShardReader
 from streamtrain.data.sources import SourceSet
@@ -29,13 +30,25 @@ from streamtrain.data.transport import (
 from streamtrain.dataset import Index, read_index
 from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
+from streamtrain.storage.cache import ShardCache, parse_bytes
+from streamtrain.storage.location import Location, is_remote
 
-__all__ = ["ShardStream", "DEFAULT_WINDOW"]
+__all__ = ["ShardStream", "DEFAULT_WINDOW_BYTES", "auto_window"]
 
-# Shards per window of the epoch plan: a rank reads the shards of one window (and the one before, for the
-# few items carried over) at a time. 8 shards of a 64 MB-input dataset hold ~120k instruction sequences,
-# plenty to shuffle; a dataset of at most this many shards is planned as one window.
-DEFAULT_WINDOW = 8
+# Shard bytes per window of the epoch plan (window="auto"): a rank reads the shards of one window (and of
+# the one before, for the few items carried over) at a time. A window must hold enough items per length
+# bucket to fill its batches: on the real instruction corpus in 2 MB shards, 8 shards per window (~110 k
+# tokens) left batches 29% full against an 8192-token budget, one window over all 2 M tokens 79%
+# (benchmarks/bench_plan.py). 256 MB is ~2.3 M tokens of 28-float vectors: 4 shards of a default convert.
+DEFAULT_WINDOW_BYTES = 256 << 20
+
+
+def auto_window(indexes: Sequence[Index], window_bytes: int = DEFAULT_WINDOW_BYTES) -> int:
+    """Shards per window so that a window holds about `window_bytes` of shards (at least one shard)."""
+    sizes = [s.bytes for ix in indexes for s in ix.shards]
+    if not sizes:
+        return 1
+    return max(1, int(round(window_bytes / max(1.0, float(np.mean(sizes))))))
 
 
 class ShardStream(IterableDataset):
@@ -56,12 +69,16 @@ class ShardStream(IterableDataset):
     pad_multiple, max_shapes: padded T is a multiple of pad_multiple, from at most max_shapes values
         (`bucketing.bucket_bounds` over the length histogram, stored in index.json by convert).
     max_sequences: at most this many rows per batch (a fixed batch size B of similar-length sequences).
-    window, span: shards per window of the epoch plan (None: the whole dataset as one window) and how many
-        consecutive windows a batch may read (`plan.EpochPlan`).
+    window, span: shards per window of the epoch plan ("auto": about DEFAULT_WINDOW_BYTES of shards; None:
+        the whole dataset as one window) and how many consecutive windows a batch may read (`plan.EpochPlan`).
     epoch_tokens: with several sources, real tokens per epoch (default: all sources' tokens together).
     verify: check the sha256 of the lengths file and of every shard against index.json before any of its
         rows is used, in every process (`dataset.checksums`); False for storage you trust.
     max_open_shards: most shards memory-mapped at once per process (`reader.DEFAULT_MAX_OPEN_SHARDS`).
+    cache_dir, cache_limit, storage_options: for a source given as a URL (s3://bucket/prefix, gs://...):
+        the node-local cache folder (default: the user cache's remote/), its bound in bytes or as "20GB"
+        (default: none), and the storage settings (`storage.location`, {KEY: VALUE}). The plan is the same
+        as for a local copy of the dataset; only where the shard bytes come from differs (`storage.cache`).
 
     Only index.json and the lengths are read here (and, with verify, shards hashed whose file version was
     not verified before); planning touches no shard and costs one pass over the lengths; shards are mapped
@@ -85,11 +102,14 @@ class ShardStream(IterableDataset):
         pad_multiple: int = bucketing.DEFAULT_PAD_MULTIPLE,
         max_shapes: int = bucketing.DEFAULT_MAX_SHAPES,
         max_sequences: int | None = None,
-        window: int | None = DEFAULT_WINDOW,
+        window: int | str | None = "auto",
         span: int = 2,
         epoch_tokens: int | None = None,
         verify: bool = True,
         max_open_shards: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | str | None = None,
+        storage_options: dict[str, str] | None = None,
     ):
         super().__init__()
         if pad_multiple < 1:
@@ -115,12 +135,13 @@ class ShardStream(IterableDataset):
             raise UserError(f"rank={rank} must be in [0, world_size={world_size})")
         if max_open_shards is not None and max_open_shards < 1:
             raise UserError(f"max_open_shards must be >= 1, got {max_open_shards}")
-        if window is not None and window < 1:
-            raise UserError(f"window must be >= 1 shard (or None: one window), got {window}")
+        if window != "auto" and window is not None and (not isinstance(window, int) or window < 1):
+            raise UserError(f"window must be >= 1 shard, \"auto\" or None (one window), got {window!r}")
         if span < 1:
             raise UserError(f"span must be >= 1 window, got {span}")
         roots, weights = _sources_of(root)
-        self.indexes: list[Index] = [read_index(r) for r in roots]
+        self.caches: list[ShardCache | None] = [_cache_of(r, cache_dir, cache_limit, storage_options) for r in roots]
+        self.indexes: list[Index] = [c.sync() if c is not None else read_index(r) for r, c in zip(roots, self.caches)]
         self.index = self.indexes[0]
         self.dim = self.index.dim
         self.max_tokens = int(max_tokens)
@@ -132,13 +153,16 @@ class ShardStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.pad_multiple = int(pad_multiple)
         self.max_sequences = None if max_sequences is None else int(max_sequences)
+        if window == "auto":
+            window = auto_window(self.indexes)
         self.window = None if window is None else int(window)
         self.span = int(span)
         self.epoch_tokens = None if epoch_tokens is None else int(epoch_tokens)
         self.verify = bool(verify)
         self.max_open_shards = None if max_open_shards is None else int(max_open_shards)
-        for ix in self.indexes:
-            _check_shard_files(ix)
+        for ix, cache in zip(self.indexes, self.caches):
+            if cache is None:  # a cache checks each download's size and sha256 instead
+                _check_shard_files(ix)
         if ids is not None:
             ids = np.unique(np.asarray(ids, dtype=np.int64))
             if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
@@ -150,10 +174,11 @@ class ShardStream(IterableDataset):
                 s, _, k = self.sources.shard_info(shard)
                 by_source.setdefault(s, []).append(k)
             for s, ix in enumerate(self.indexes):
-                verify_files(index_files(ix, by_source.get(s, [])))
+                if self.caches[s] is None:
+                    verify_files(index_files(ix, by_source.get(s, [])))
 
         self._item_values, self._item_counts = self._item_histogram()
-        self.bounds = bucketing.bucket_bounds(self._item_values, self.pad_multiple, max_shapes, counts=self._item_counts)
+        self.bounds = histogram_bounds(self._item_values, self._item_counts, self.pad_multiple, max_shapes)
         self._lookup = bucket_lookup(self.bounds, self.pad_multiple)
         self._unit_counts, self._unit_tokens = unit_bucket_counts(
             self.sources.lengths_of, self.sources.unit_starts, self.sources.unit_stops, self._lookup,
@@ -169,6 +194,33 @@ class ShardStream(IterableDataset):
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         # set by a Loader before it starts workers; None: workers hand batches over as tensors
         self.ring: BatchRing | None = None
+        self._check_cache_limits()
+
+    def _check_cache_limits(self) -> None:
+        """A cache must hold what a rank reads at once (a batch reads `span` consecutive windows): a smaller
+        limit is an error now, not a wait later."""
+        limited = [s for s, c in enumerate(self.caches) if c is not None and c.limit_bytes is not None]
+        if not limited:
+            return
+        plan = self.plan(0)
+        need = dict.fromkeys(limited, 0)
+        for j in range(plan.num_windows):
+            at_once: dict[int, int] = {}
+            for shard in set(plan.window_tags(j)):  # window j's shards and those its carried items come from
+                s, ix, k = self.sources.shard_info(shard)
+                if s in need:
+                    at_once[s] = at_once.get(s, 0) + ix.shards[k].bytes
+            for s, b in at_once.items():
+                need[s] = max(need[s], b)
+        for s, b in need.items():
+            cache = self.caches[s]
+            cache.working_bytes = b
+            if cache.limit_bytes < b:
+                raise UserError(
+                    f"--cache-limit {cache.limit_bytes} bytes is smaller than the {b} bytes of shards of {cache.where} "
+                    f"a rank reads at once ({self.span} windows of {self.window or 'all'} shards); raise it or "
+                    "lower the window"
+                )
 
     def _item_histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """The histogram of the items (windows of at most max_len) an epoch plans: each source's length
@@ -317,8 +369,10 @@ class ShardStream(IterableDataset):
     def reader(self, source: int = 0) -> ShardReader:
         """The ShardReader of `source` in this process."""
         if self._readers[source] is None:
+            cache = self.caches[source]
             self._readers[source] = ShardReader(self.indexes[source], verify=self.verify,
-                                                max_open_shards=self.max_open_shards)
+                                                max_open_shards=self.max_open_shards,
+                                                fetch=None if cache is None else cache.fetch)
         return self._readers[source]
 
     def _gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
@@ -389,8 +443,36 @@ class ShardStream(IterableDataset):
         sees the same sequence as from one process."""
         plan = self.plan(epoch)
         mine = self.rank_batches(epoch)
+        remote = any(c is not None for c in self.caches)
+        needed = self.shards_needed(epoch, start) if remote else []
+        starts = plan.window_starts()
+        window = -1
         for first in range(start + worker * block, len(mine), num_workers * block):
+            if remote:
+                j = int(np.searchsorted(starts, mine[first], side="right") - 1)
+                if j != window:
+                    window = j
+                    self._publish_needs(epoch, plan, j, [shard for shard, k in needed if k >= first])
             yield [plan.batch(int(mine[k])) for k in range(first, min(first + block, len(mine)))]
+        if remote:
+            self._publish_needs(epoch, plan, None, [])
+
+    def _publish_needs(self, epoch: int, plan: EpochPlan, window: int | None, order: list[int]) -> None:
+        """Tell each source's cache what this process reads now (window `window`'s shards, and those of the
+        earlier windows its carried items come from) and needs later this epoch (`order`, global shard numbers)."""
+        hard = set(plan.window_tags(window)) if window is not None else set()
+        names_later: dict[int, list[str]] = {s: [] for s, c in enumerate(self.caches) if c is not None}
+        names_now: dict[int, set[str]] = {s: set() for s in names_later}
+        for shard in order:
+            s, ix, k = self.sources.shard_info(shard)
+            if s in names_later:
+                names_later[s].append(ix.shards[k].file)
+        for shard in hard:
+            s, ix, k = self.sources.shard_info(shard)
+            if s in names_now:
+                names_now[s].add(ix.shards[k].file)
+        for s in names_later:
+            self.caches[s].publish(epoch, names_later[s], names_now[s])
 
     def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
         for (rows,) in self._worker_blocks(epoch, start, worker, num_workers, 1):
@@ -412,6 +494,14 @@ class ShardStream(IterableDataset):
                     return
                 group.append(batch)
             yield SlotGroup(group)
+
+
+def _cache_of(root, cache_dir, cache_limit, storage_options) -> ShardCache | None:
+    """The cache of a source given as a URL (None for a local folder)."""
+    if not is_remote(str(root)):
+        return None
+    limit = None if cache_limit is None else parse_bytes(cache_limit)
+    return ShardCache(Location.of(str(root), storage_options), cache_dir, limit)
 
 
 def _sources_of(root) -> tuple[list, list[float]]:

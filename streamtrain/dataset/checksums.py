@@ -44,6 +44,7 @@ from streamtrain.user_cache import cache_dir
 
 __all__ = [
     "FileVersion",
+    "record_written",
     "ExpectedFile",
     "cache_dir",
     "check_size",
@@ -264,3 +265,14 @@ def verified_lengths(index: Index) -> np.ndarray:
     if index.lengths_sha256:
         check_mapped(path, stat, buffer, index.lengths_sha256, "lengths")
     return parse_lengths(buffer, path, index.num_sequences)
+
+
+def record_written(path: str | os.PathLike, sha256: str) -> None:
+    """Record the file at `path`, just written (and fsynced) by this process from bytes that hashed to
+    `sha256` (a download checked on the way in), as verified: readers then map it without hashing again."""
+    try:
+        version = FileVersion.of(os.stat(path))
+    except OSError:
+        return
+    _verified[version] = sha256
+    _write_record(version, sha256)

@@ -23,7 +23,8 @@ from streamtrain.dataset.schema import (
 )
 from streamtrain.errors import DataError
 
-__all__ = ["ShardInfo", "Index", "is_dataset", "read_index", "write_index", "parse_lengths", "load_lengths"]
+__all__ = ["ShardInfo", "Index", "is_dataset", "read_index", "parse_index", "member_name", "write_index", "index_json",
+           "parse_lengths", "load_lengths"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,15 @@ def read_index(root: str | os.PathLike) -> Index:
         raise DataError(
             f"{root}: not a streamtrain dataset (no {INDEX_FILE}; create one with `streamtrain convert SRC --out {root}`)"
         )
+    return parse_index(path.read_bytes(), root, path)
+
+
+def parse_index(data: bytes, root: str | os.PathLike, path: str | os.PathLike) -> Index:
+    """An Index from index.json's bytes (`path`: where they came from, for errors). Every value is checked:
+    index.json is input like any other, local or downloaded."""
+    root = Path(root)
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -118,7 +126,7 @@ def read_index(root: str | os.PathLike) -> Index:
         if missing:
             raise DataError(f"{path}: malformed shard entry {where} (missing {', '.join(missing)})")
         shards.append(ShardInfo(
-            file=_typed(path, s, "file", str, where),
+            file=member_name(path, _typed(path, s, "file", str, where), f"{where}.file"),
             num_sequences=_typed(path, s, "num_sequences", int, where, minimum=0),
             num_tokens=_typed(path, s, "num_tokens", int, where, minimum=0),
             bytes=_typed(path, s, "bytes", int, where, minimum=0),
@@ -134,7 +142,7 @@ def read_index(root: str | os.PathLike) -> Index:
         shards=shards,
         mean=_vector(path, raw, "mean", dim),
         std=_vector(path, raw, "std", dim),
-        lengths_file=_typed(path, raw, "lengths_file", str, default=LENGTHS_FILE),
+        lengths_file=member_name(path, _typed(path, raw, "lengths_file", str, default=LENGTHS_FILE), "lengths_file"),
         lengths_sha256=_typed(path, raw, "lengths_sha256", str, default=""),
         num_rejected=_typed(path, raw, "num_rejected", int, minimum=0, default=0),
         extra={k: v for k, v in raw.items() if k not in known},
@@ -142,6 +150,16 @@ def read_index(root: str | os.PathLike) -> Index:
 
 
 _MISSING = object()
+
+
+def member_name(path, name: str, key: str) -> str:
+    """`name` from index.json if it is a plain relative path inside the dataset (no absolute path, no `..`,
+    no scheme or drive, no backslash); else DataError, before anything is read or written through it."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or ":" in name or "\x00" in name
+            or any(part in ("", ".", "..") for part in parts)):
+        raise DataError(f"{path}: key {key!r} is {name!r}, not a plain relative path inside the dataset; refusing it")
+    return name
 
 
 def _typed(path: Path, obj: dict, key: str, kind: type, where: str = "", minimum: int | None = None,
@@ -168,6 +186,11 @@ def _vector(path: Path, obj: dict, key: str, dim: int) -> np.ndarray:
 
 def write_index(index: Index) -> None:
     """Write DIR/index.json atomically. Call it last: it is what makes the folder a dataset."""
+    atomic_write_json(Path(index.root) / INDEX_FILE, index_json(index))
+
+
+def index_json(index: Index) -> dict:
+    """index.json's object for `index`."""
     obj = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -182,7 +205,7 @@ def write_index(index: Index) -> None:
         "shards": [s.to_json() for s in index.shards],
     }
     obj.update(index.extra)
-    atomic_write_json(Path(index.root) / INDEX_FILE, obj)
+    return obj
 
 
 def parse_lengths(buffer: pa.Buffer, path: str | os.PathLike, num_sequences: int) -> np.ndarray:

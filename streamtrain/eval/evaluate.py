@@ -172,13 +172,15 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     onehot: tuple[int, int] | None = None,
     verify: bool = True,
+    cache_dir: str | None = None,
+    cache_limit: str | None = None,
 ) -> dict:
     """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order), in
     windows of the training context (`eval_context`); the report adds that window length (`max_len`) and
     the batch budget used (`batch_tokens`, raised from the one given when a window needs more).
-    `verify`: check the dataset's checksums before use (see ShardStream)."""
+    `verify`: check the dataset's checksums before use (see ShardStream); `cache_dir`, `cache_limit`: for a
+    dataset URL, its node-local cache."""
     from streamtrain.data import ShardStream, make_loader
-    from streamtrain.dataset import read_index
     from streamtrain.errors import UserError
     from streamtrain.model import ModelConfig
     from streamtrain.model.transformer import CausalTransformer
@@ -189,7 +191,9 @@ def evaluate_checkpoint(
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
     model_cfg = ModelConfig(**checkpoint["config"]["model"])
-    index = read_index(data_dir)
+    from streamtrain.storage.remote import open_index
+
+    index = open_index(data_dir, cache_dir)
     if index.dim != model_cfg.dim:
         raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {model_cfg.dim}")
     if onehot is not None and not 0 <= onehot[0] < onehot[1] <= index.dim:
@@ -201,7 +205,7 @@ def evaluate_checkpoint(
     mean, std = stats["mean"], stats["std"]
     max_len, max_tokens = eval_context(checkpoint["config"], batch_tokens)
     stream = ShardStream(str(data_dir), max_tokens=max_tokens, seed=0, shuffle=False, rank=0, world_size=1,
-                         max_len=max_len, verify=verify)
+                         max_len=max_len, verify=verify, cache_dir=cache_dir, cache_limit=cache_limit)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
     sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
     return {**eval_summary(sums, onehot), "max_len": max_len, "batch_tokens": max_tokens}

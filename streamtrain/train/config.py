@@ -71,6 +71,19 @@ class DataConfig:
         "every batch is padding",
         "shapes",
     )
+    window: int | None = option(
+        None, "shards per window of the epoch plan: batches are formed inside a window (and the one before), so "
+        "a rank reads a few shards at a time; larger shuffles more widely and fills batches better, smaller needs "
+        "less cache (default: about 256 MB of shards)", "shards",
+    )
+    cache_dir: str | None = option(
+        None, "for s3:// / gs:// data: the node-local shard cache, shared by the ranks of a node (default: the user "
+        "cache's remote/)", "path",
+    )
+    cache_limit: str | None = option(
+        None, "for remote data: most bytes the cache holds, e.g. 20GB; at least what a rank reads at once "
+        "(default: no limit)", "size",
+    )
     verify: bool = option(
         True,
         "check each shard's and the lengths file's sha256 against index.json before their rows are used, in "
@@ -86,6 +99,12 @@ class DataConfig:
                 self.data = self.data[0]
         if self.weights is not None:
             parse_weights(self.weights, len(self.sources()))
+        if self.window is not None and self.window < 1:
+            raise UserError(f"--window must be >= 1 shard, got {self.window}")
+        if self.cache_limit is not None:
+            from streamtrain.storage.cache import parse_bytes
+
+            parse_bytes(self.cache_limit)
         if self.synthetic is not None:
             parse_synthetic(self.synthetic)
         if not 0.0 <= self.val_fraction < 1.0:

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from streamtrain.dataset import Index, is_dataset, read_index
+from streamtrain.dataset import Index, is_dataset
+from streamtrain.storage.location import is_remote
+from streamtrain.storage.remote import open_index
 from streamtrain.dataset.checksums import index_files, verify_files
 from streamtrain.errors import DataError, UserError
 from streamtrain.train.config import RunConfig, parse_synthetic, parse_weights
@@ -29,9 +31,9 @@ SYNTHETIC_DIM = 28
 class TrainData:
     # one dataset folder, or several with their weights (mixed by ShardStream: each source's share of an
     # epoch's real tokens)
-    train_root: Path | list[tuple[Path, float]]
+    train_root: Path | str | list[tuple[Path | str, float]]  # str: a dataset URL
     train_ids: np.ndarray | None  # None: every sequence
-    val_root: Path | None  # None: no validation
+    val_root: Path | str | None  # None: no validation
     val_ids: np.ndarray | None
     index: Index  # of train_root (with several sources: the first's, with the mix's mean/std); its
     # mean/std standardize inputs and targets
@@ -52,7 +54,10 @@ def _convert_cached(raw: Path, cache_root: Path, is_main: bool) -> Path:
     return out
 
 
-def resolve_dataset(path: str, flag: str, cache_root: Path, is_main: bool) -> Path:
+def resolve_dataset(path: str, flag: str, cache_root: Path, is_main: bool) -> Path | str:
+    """A dataset folder or URL as is; a folder of raw JSON/JSONL converted (once) into the run's cache."""
+    if is_remote(path):
+        return path  # index.json and the lengths come through the shard cache (`storage.cache`)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{flag} {p}: no such file or folder")
@@ -63,10 +68,12 @@ def resolve_dataset(path: str, flag: str, cache_root: Path, is_main: bool) -> Pa
     raise UserError(f"{flag} {p}: expected a dataset folder or a folder of JSON/JSONL files")
 
 
-def _verify(index: Index) -> None:
+def _verify(index: Index, root) -> None:
     """Hash the files of `index` not verified before, on the main rank before the others start: they then
-    find the versions in the record cache instead of all hashing the same files at once."""
-    verify_files(index_files(index))
+    find the versions in the record cache instead of all hashing the same files at once. (A remote dataset's
+    files are checked as they are downloaded.)"""
+    if not is_remote(str(root)):
+        verify_files(index_files(index))
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
@@ -85,16 +92,16 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
         roots = [resolve_dataset(p, "--data", cache_root, is_main) for p in d.sources()]
     if d.synthetic is not None or len(roots) == 1:
         train_root = train_root if d.synthetic is not None else roots[0]
-        index = read_index(train_root)  # shard sizes (and with verify, checksums) are checked by each ShardStream
+        index = open_index(train_root, d.cache_dir)  # shard sizes (with verify, checksums) are checked by each ShardStream
         if d.verify and is_main:
-            _verify(index)
+            _verify(index, train_root)
         if index.num_sequences == 0:
             raise DataError(f"{train_root}: the dataset holds no sequences")
     else:
-        indexes = [read_index(r) for r in roots]
+        indexes = [open_index(r, d.cache_dir) for r in roots]
         for r, ix in zip(roots, indexes):
             if d.verify and is_main:
-                _verify(ix)
+                _verify(ix, r)
             if ix.num_sequences == 0:
                 raise DataError(f"{r}: the dataset holds no sequences")
             if ix.dim != indexes[0].dim:
@@ -108,11 +115,11 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
     val_root = val_index = None
     if d.val_data is not None:
         val_root = resolve_dataset(d.val_data, "--val-data", cache_root, is_main)
-        val_index = read_index(val_root)
+        val_index = open_index(val_root, d.cache_dir)
         if val_index.dim != index.dim:
             raise UserError(f"--val-data {val_root}: dim {val_index.dim} differs from the training data's {index.dim}")
         if d.verify and is_main:
-            _verify(val_index)
+            _verify(val_index, val_root)
     elif d.val_fraction > 0:
         from streamtrain.data.bucketing import split_ids
 
@@ -124,8 +131,10 @@ def prepare_data(cfg: RunConfig, run_dir: Path, is_main: bool) -> TrainData:
                 f"sequences out of {index.num_sequences}; pick a fraction that leaves both non-empty"
             )
         val_root, val_index = train_root, index
-    if not isinstance(train_root, list):
+    if not isinstance(train_root, list) and not is_remote(str(train_root)):
         train_root = Path(train_root)
+    if val_root is not None and not is_remote(str(val_root)):
+        val_root = Path(val_root)
     return TrainData(train_root, train_ids, val_root, val_ids, index, val_index)
 
 
@@ -149,7 +158,8 @@ def make_stream_and_loader(cfg: RunConfig, root: Path | list[tuple[Path, float]]
 
     d = cfg.data
     kwargs: dict[str, Any] = {"max_tokens": d.batch_tokens, "seed": cfg.train.seed, "shuffle": shuffle,
-                              "rank": rank, "world_size": world_size, "verify": d.verify}
+                              "rank": rank, "world_size": world_size, "verify": d.verify,
+                              "window": "auto" if d.window is None else d.window}
     if d.batch is not None:
         kwargs["max_sequences"] = d.batch
     if d.max_len is not None:
@@ -163,6 +173,10 @@ def make_stream_and_loader(cfg: RunConfig, root: Path | list[tuple[Path, float]]
         kwargs["max_len"] = d.max_len
     if ids is not None:
         kwargs["ids"] = ids
+    if d.cache_dir is not None:
+        kwargs["cache_dir"] = d.cache_dir
+    if d.cache_limit is not None:
+        kwargs["cache_limit"] = d.cache_limit
     if max_shapes is not None:
         kwargs["max_shapes"] = max_shapes
     stream = ShardStream([(str(r), w) for r, w in root] if isinstance(root, list) else str(root), **kwargs)

