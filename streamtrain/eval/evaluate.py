@@ -180,26 +180,17 @@ def evaluate_checkpoint(
     from streamtrain.data import ShardStream, make_loader
     from streamtrain.dataset import read_index
     from streamtrain.errors import UserError
-    from streamtrain.model import ModelConfig
-    from streamtrain.model.transformer import CausalTransformer
-    from streamtrain.train.checkpoint import load_checkpoint
+    from streamtrain.eval.load import load_model
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-    model_cfg = ModelConfig(**checkpoint["config"]["model"])
+    model, standardizer, config = load_model(checkpoint_path, device)
+    dev = standardizer.mean64.device
     index = read_index(data_dir)
-    if index.dim != model_cfg.dim:
-        raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {model_cfg.dim}")
+    if index.dim != config.model.dim:
+        raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {config.model.dim}")
     if onehot is not None and not 0 <= onehot[0] < onehot[1] <= index.dim:
         raise UserError(f"--onehot {onehot[0]}:{onehot[1]}: needs 0 <= START < END <= {index.dim}")
-    model = CausalTransformer(model_cfg)
-    model.load_state_dict(checkpoint["model"])
-    model.to(dev)
-    stats = checkpoint["stats"]
-    mean, std = stats["mean"], stats["std"]
-    max_len, max_tokens = eval_context(checkpoint["config"], batch_tokens)
+    mean, std = standardizer.mean, standardizer.std
+    max_len, max_tokens = eval_context(config.to_json(), batch_tokens)
     stream = ShardStream(str(data_dir), max_tokens=max_tokens, seed=0, shuffle=False, rank=0, world_size=1,
                          max_len=max_len, verify=verify)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")

@@ -1,0 +1,46 @@
+"""One tiny model trained for a few steps on synthetic data, shared by the tests of what uses a trained model
+(trained once per test session), and a dataset of sequences of varied lengths to run it on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conftest import write_dataset
+
+DIM = 6
+TINY = {"d_model": 16, "layers": 2, "heads": 2, "ff": 32, "num_workers": 0, "quiet": True, "log_every": 5,
+        "batch_tokens": 128, "max_len": 16, "max_steps": 12, "seed": 0}
+
+_trained: dict[str, Path] = {}
+
+
+def train_tiny(root: Path, name: str = "run", **flags) -> Path:
+    """Train the tiny model into root/name (once per session for each name); returns checkpoints/last.pt."""
+    from streamtrain.dataset.synthetic import write_synthetic
+    from streamtrain.train.run import run_fit
+
+    if name not in _trained:
+        data = root / "train-data"
+        write_synthetic(data, num_sequences=24, length=20, dim=DIM, seed=0)
+        out = root / name
+        assert run_fit({**TINY, "data": str(data), "out": str(out), **flags}) == 0
+        _trained[name] = out / "checkpoints" / "last.pt"
+    return _trained[name]
+
+
+def varied_sequences(n: int = 13, seed: int = 1, longest: int = 40) -> list[np.ndarray]:
+    """n synthetic sequences cut to lengths 2..longest (some longer than the model's 16-vector context)."""
+    from streamtrain.dataset.synthetic import synthetic_sequences
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, longest + 1, size=n)
+    lengths[0], lengths[1] = 2, longest
+    return [s[:L] for s, L in zip(synthetic_sequences(n, longest, DIM, seed), lengths)]
+
+
+def write_varied(root: Path, n: int = 13) -> tuple[Path, list[np.ndarray]]:
+    seqs = varied_sequences(n)
+    write_dataset(root, seqs, shard_bytes=2000)
+    return root, seqs
