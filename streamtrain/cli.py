@@ -22,6 +22,7 @@ _COMMANDS = {
     "inspect": ("inspect", "show a dataset's counts, shards, length distribution and statistics"),
     "fit": ("fit", "train a causal Transformer on a dataset (or raw JSON/JSONL folder, or synthetic data)"),
     "eval": ("eval", "evaluate a checkpoint on a dataset against persistence and mean predictors"),
+    "predict": ("predict", "write a checkpoint's next-vector predictions (or rollouts) for a dataset to an Arrow file"),
 }
 
 

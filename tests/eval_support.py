@@ -30,8 +30,8 @@ def train_tiny(root: Path, name: str = "run", **flags) -> Path:
     return _trained[name]
 
 
-def varied_sequences(n: int = 13, seed: int = 1, longest: int = 40) -> list[np.ndarray]:
-    """n synthetic sequences cut to lengths 2..longest (some longer than the model's 16-vector context)."""
+def varied_sequences(n: int = 13, seed: int = 0, longest: int = 40) -> list[np.ndarray]:
+    """n sequences of the training data's system (other draws: another length) cut to lengths 2..longest (some longer than the model's 16-vector context)."""
     from streamtrain.dataset.synthetic import synthetic_sequences
 
     rng = np.random.default_rng(seed)
