@@ -172,17 +172,23 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     onehot: tuple[int, int] | None = None,
     verify: bool = True,
+    horizon: int | None = None,
+    prefix: int | None = None,
+    ema: bool = False,
 ) -> dict:
     """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order), in
     windows of the training context (`eval_context`); the report adds that window length (`max_len`) and
     the batch budget used (`batch_tokens`, raised from the one given when a window needs more).
-    `verify`: check the dataset's checksums before use (see ShardStream)."""
+    `verify`: check the dataset's checksums before use (see ShardStream). `horizon`: also roll out that many
+    steps after `prefix` vectors (default min(8, context - horizon)) of each sequence whose first window holds
+    prefix + horizon vectors, and report the error per step under "rollout" (`rollout.RolloutSums`).
+    `ema`: evaluate the EMA weights of the checkpoint."""
     from streamtrain.data import ShardStream, make_loader
     from streamtrain.dataset import read_index
     from streamtrain.errors import UserError
     from streamtrain.eval.load import load_model
 
-    model, standardizer, config = load_model(checkpoint_path, device)
+    model, standardizer, config = load_model(checkpoint_path, device, ema=ema)
     dev = standardizer.mean64.device
     index = read_index(data_dir)
     if index.dim != config.model.dim:
@@ -194,5 +200,34 @@ def evaluate_checkpoint(
     stream = ShardStream(str(data_dir), max_tokens=max_tokens, seed=0, shuffle=False, rank=0, world_size=1,
                          max_len=max_len, verify=verify)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
-    return {**eval_summary(sums, onehot), "max_len": max_len, "batch_tokens": max_tokens}
+    batches, rollouts = loader, None
+    if horizon is not None:
+        rollouts = _rollout_sums(model, standardizer, index.mean, horizon, prefix, max_len)
+        batches = _also_into(loader, rollouts)
+    sums = accumulate_eval(model, batches, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
+    report = {**eval_summary(sums, onehot), "max_len": max_len, "batch_tokens": max_tokens}
+    if rollouts is not None:
+        report["rollout"] = rollouts.summary()
+    return report
+
+
+def _rollout_sums(model, standardizer, data_mean, horizon: int, prefix: int | None, max_len: int):
+    from streamtrain.errors import UserError
+    from streamtrain.eval.rollout import RolloutSums
+
+    if horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {horizon}")
+    if prefix is None:
+        prefix = min(8, max_len - horizon)
+    if prefix < 1 or prefix + horizon > max_len:
+        raise UserError(
+            f"--prefix {prefix} + --horizon {horizon} must be at most the training context ({max_len} vectors), "
+            "with a prefix of at least 1: the truth of a rollout comes from a sequence's first window"
+        )
+    return RolloutSums(model, standardizer, horizon, prefix, data_mean)
+
+
+def _also_into(batches, rollouts):
+    for batch in batches:
+        rollouts.add(batch)
+        yield batch

@@ -23,7 +23,7 @@ from streamtrain.data.batch import Standardizer, model_offsets
 from streamtrain.errors import UserError
 from streamtrain.eval.arrow_out import sequences_array, sequences_type, write_arrow_rows
 
-__all__ = ["ModelData", "open_model_data", "predict_sequences", "to_original_units", "predict_file"]
+__all__ = ["ModelData", "open_model_data", "predict_sequences", "rollout_sequences", "to_original_units", "predict_file"]
 
 
 @dataclass
@@ -89,22 +89,61 @@ def predict_sequences(model, standardizer: Standardizer, data: ModelData, advanc
     assert not pending, f"sequences left incomplete by the loader: {sorted(pending)[:5]}"
 
 
+@torch.no_grad()
+def rollout_sequences(model, standardizer: Standardizer, data: ModelData, horizon: int, prefix: int | None,
+                      advance=lambda n=1: None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (id, vectors of the sequence before the rollout, rollout) for every sequence of `data`: rollout
+    is float32 (horizon, D) in original units, the model's guesses for the next `horizon` vectors, each fed
+    back as the next input (KV cache). Where it starts: `rollout.rollout_rows`."""
+    from streamtrain.eval.rollout import rollout, rollout_rows
+
+    device = standardizer.mean64.device
+    for batch in data.loader:
+        rows, prefix_lengths = rollout_rows(batch, data.lengths, prefix)
+        if len(rows):
+            idx = torch.from_numpy(rows)
+            width = int(prefix_lengths.max())
+            x = batch.x[idx, :width].to(device)
+            lengths = torch.from_numpy(prefix_lengths.astype(np.int64))
+            mask = torch.arange(width)[None, :] < lengths[:, None]
+            offsets = batch.offsets[idx]
+            pred = rollout(model, standardizer(x, mask.to(device)), lengths, horizon, offsets)
+            pred = to_original_units(pred, standardizer).float().cpu().numpy()  # (N, K, D)
+            before = (offsets.numpy() + prefix_lengths).tolist()
+            for i, seq_id in enumerate(batch.ids[idx].tolist()):
+                yield seq_id, before[i], pred[i]
+        advance(1)
+
+
 def predict_file(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                  batch_tokens: int = 4096, device: str = "cpu", num_workers: int = 0, verify: bool = True,
-                 ema: bool = False, quiet: bool = True) -> dict:
-    """Write the teacher-forced predictions of `checkpoint` for every sequence of `data_dir` to the Arrow IPC
-    file `out`: columns `id` (int64) and `prediction` (list<fixed_size_list<float32, D>>, one vector per
-    position; rows in the loader's order). Returns a summary for the command line."""
+                 ema: bool = False, quiet: bool = True, horizon: int | None = None, prefix: int | None = None) -> dict:
+    """Write the predictions of `checkpoint` for every sequence of `data_dir` to the Arrow IPC file `out`
+    (rows in the loader's order). Teacher-forced (`horizon` None): columns `id` (int64) and `prediction`
+    (list<fixed_size_list<float32, D>>, one vector per position). A rollout of `horizon` steps after `prefix`
+    vectors (None: the whole sequence): columns `id`, `prefix` (int64, real vectors before the rollout) and
+    `rollout` (list<fixed_size_list<float32, D>> of `horizon` vectors). Returns a summary for the command line."""
     from streamtrain.eval.load import load_model
     from streamtrain.telemetry.progress import progress_bar
 
+    if horizon is not None and horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {horizon}")
+    if prefix is not None and horizon is None:
+        raise UserError("--prefix needs --horizon (how many vectors to roll out after it)")
     model, standardizer, config = load_model(checkpoint, device, ema=ema)
     data = open_model_data(config, data_dir, batch_tokens, num_workers, verify, standardizer.mean64.device.type == "cuda")
-    schema = pa.schema([("id", pa.int64()), ("prediction", sequences_type(data.dim))])
-
-    def columns(rows: list[tuple[int, np.ndarray]]) -> list[pa.Array]:
-        return [pa.array([r[0] for r in rows], pa.int64()), sequences_array([r[1] for r in rows], data.dim)]
-
-    with progress_bar(len(data.loader), "predict", quiet) as advance:
-        num_rows = write_arrow_rows(out, schema, predict_sequences(model, standardizer, data, advance), columns)
+    if prefix is not None and not 1 <= prefix <= data.max_len:
+        raise UserError(f"--prefix must be in [1, {data.max_len}] (the training context), got {prefix}")
+    D = data.dim
+    ints = lambda rows, k: pa.array([r[k] for r in rows], pa.int64())  # noqa: E731
+    if horizon is None:
+        schema = pa.schema([("id", pa.int64()), ("prediction", sequences_type(D))])
+        columns = lambda rows: [ints(rows, 0), sequences_array([r[1] for r in rows], D)]  # noqa: E731
+        label, rows = "predict", lambda advance: predict_sequences(model, standardizer, data, advance)  # noqa: E731
+    else:
+        schema = pa.schema([("id", pa.int64()), ("prefix", pa.int64()), ("rollout", sequences_type(D))])
+        columns = lambda rows: [ints(rows, 0), ints(rows, 1), sequences_array([r[2] for r in rows], D)]  # noqa: E731
+        label, rows = "rollout", lambda advance: rollout_sequences(model, standardizer, data, horizon, prefix, advance)  # noqa: E731
+    with progress_bar(len(data.loader), label, quiet) as advance:
+        num_rows = write_arrow_rows(out, schema, rows(advance), columns)
     return {"out": str(Path(out)), "num_sequences": num_rows, "max_len": data.max_len, "batch_tokens": data.max_tokens}
