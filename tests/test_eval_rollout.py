@@ -150,3 +150,17 @@ def test_bad_horizon_or_prefix_is_one_line(tmp_path, checkpoint, varied, capsys,
     code = main([argv[0], "--checkpoint", str(checkpoint), "--data", str(root), *out, *argv[1:]])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_a_rollout_feeds_class_groups_back_as_the_one_hot_of_their_argmax():
+    from streamtrain.data.batch import Standardizer
+    from streamtrain.eval.outputs import ModelOutputs
+
+    mean, std = np.array([0.2, 0.3, 0.5, 10.0]), np.array([0.4, 0.45, 0.5, 2.0])
+    outputs = ModelOutputs(Standardizer(mean, std, torch.device("cpu")), [(0, 3)])
+    pred = torch.tensor([[0.1, 3.0, -1.0, 0.5]])  # logits (0.1, 3, -1), the number 0.5 standardized
+    fed = outputs.feedback(pred).double().numpy()[0]
+    np.testing.assert_allclose(fed * std + mean, [0.0, 1.0, 0.0, 11.0], atol=1e-6)
+    probs = outputs.original(pred).numpy()[0]
+    e = np.exp([0.1, 3.0, -1.0])
+    np.testing.assert_allclose(probs, [*(e / e.sum()), 11.0], rtol=1e-12)

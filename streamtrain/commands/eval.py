@@ -78,6 +78,11 @@ def run(args) -> int:
         print(f"  top-1 class, fields {onehot[0]}:{onehot[1]}")
         for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
             print(f"    {name:<20}{show(oh[key])}")
+    for group in report.get("categorical", []):
+        a, b = group["fields"]
+        print(f"  top-1 class, trained group {a}:{b}")
+        for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
+            print(f"    {name:<20}{show(group[key])}")
     if args.horizon is not None:
         ro = report["rollout"]
         print(f"  rollout after {ro['prefix']} vectors, {ro['num_sequences']} sequences: mse per step (persistence, mean)")

@@ -22,8 +22,9 @@ import torch
 from streamtrain.data.batch import Standardizer, model_offsets
 from streamtrain.errors import UserError
 from streamtrain.eval.arrow_out import sequences_array, sequences_type, write_arrow_rows
+from streamtrain.eval.outputs import ModelOutputs
 
-__all__ = ["ModelData", "open_model_data", "predict_sequences", "rollout_sequences", "to_original_units", "predict_file"]
+__all__ = ["ModelData", "open_model_data", "predict_sequences", "rollout_sequences", "predict_file"]
 
 
 @dataclass
@@ -56,22 +57,19 @@ def open_model_data(config, data_dir: str | os.PathLike, batch_tokens: int = 409
     return ModelData(loader, np.asarray(load_lengths(index)), index.dim, max_len, max_tokens)
 
 
-def to_original_units(pred: torch.Tensor, standardizer: Standardizer) -> torch.Tensor:
-    """Model outputs (standardized predictions, (..., D)) in original units, float64."""
-    return pred.double() * standardizer.std64 + standardizer.mean64
-
-
 @torch.no_grad()
 def predict_sequences(model, standardizer: Standardizer, data: ModelData, advance=lambda n=1: None,
                       ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (id, predictions) for every sequence of `data`, as soon as all of its windows have been seen:
-    predictions is float32 (length, D) in original units, row t the prediction of vector t + 1."""
+    predictions is float32 (length, D) in original units (class groups: probabilities), row t the
+    prediction of vector t + 1."""
     device = standardizer.mean64.device
+    outputs = ModelOutputs(standardizer, model.cfg.categorical_groups)
     pending: dict[int, list] = {}  # id -> [predictions, positions still missing]
     for batch in data.loader:
         x = batch.x.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
-        pred = to_original_units(model(standardizer(x, mask), model_offsets(batch, device)), standardizer)
+        pred = outputs.original(model(standardizer(x, mask), model_offsets(batch, device)))
         pred = pred.float().cpu().numpy()  # (B, T, D)
         for b, (seq_id, offset, n) in enumerate(zip(batch.ids.tolist(), batch.offsets.tolist(), batch.lengths.tolist())):
             length = int(data.lengths[seq_id])
@@ -93,11 +91,12 @@ def predict_sequences(model, standardizer: Standardizer, data: ModelData, advanc
 def rollout_sequences(model, standardizer: Standardizer, data: ModelData, horizon: int, prefix: int | None,
                       advance=lambda n=1: None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (id, vectors of the sequence before the rollout, rollout) for every sequence of `data`: rollout
-    is float32 (horizon, D) in original units, the model's guesses for the next `horizon` vectors, each fed
-    back as the next input (KV cache). Where it starts: `rollout.rollout_rows`."""
+    is float32 (horizon, D) in original units (class groups: probabilities), the model's guesses for the next `horizon` vectors, each fed
+    back as the next input (KV cache; class groups as the one-hot of their argmax). Where it starts: `rollout.rollout_rows`."""
     from streamtrain.eval.rollout import rollout, rollout_rows
 
     device = standardizer.mean64.device
+    outputs = ModelOutputs(standardizer, model.cfg.categorical_groups)
     for batch in data.loader:
         rows, prefix_lengths = rollout_rows(batch, data.lengths, prefix)
         if len(rows):
@@ -107,8 +106,8 @@ def rollout_sequences(model, standardizer: Standardizer, data: ModelData, horizo
             lengths = torch.from_numpy(prefix_lengths.astype(np.int64))
             mask = torch.arange(width)[None, :] < lengths[:, None]
             offsets = batch.offsets[idx]
-            pred = rollout(model, standardizer(x, mask.to(device)), lengths, horizon, offsets)
-            pred = to_original_units(pred, standardizer).float().cpu().numpy()  # (N, K, D)
+            pred = rollout(model, standardizer(x, mask.to(device)), lengths, horizon, offsets, feedback=outputs.feedback)
+            pred = outputs.original(pred).float().cpu().numpy()  # (N, K, D)
             before = (offsets.numpy() + prefix_lengths).tolist()
             for i, seq_id in enumerate(batch.ids[idx].tolist()):
                 yield seq_id, before[i], pred[i]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from streamtrain.data.batch import Standardizer
+from streamtrain.eval.outputs import ModelOutputs
 from streamtrain.model.transformer import KVCache
 
 __all__ = ["rollout", "rollout_rows", "RolloutSums"]
@@ -78,11 +79,9 @@ class RolloutSums:
     model, persistence (the last prefix vector repeated) and the mean predictor, over the sequences whose
     first window holds prefix + horizon vectors."""
 
-    def __init__(self, model, standardizer: Standardizer, horizon: int, prefix: int, data_mean,
-                 feedback: Feedback | None = None, to_original: Callable | None = None):
+    def __init__(self, model, standardizer: Standardizer, horizon: int, prefix: int, data_mean):
         self.model, self.standardizer, self.horizon, self.prefix = model, standardizer, horizon, prefix
-        self.feedback = feedback
-        self.to_original = to_original or (lambda p: p.double() * standardizer.std64 + standardizer.mean64)
+        self.outputs = ModelOutputs(standardizer, model.cfg.categorical_groups)
         device = standardizer.mean64.device
         self.data_mean = torch.as_tensor(np.asarray(data_mean, np.float64), device=device)
         self.model_sq = torch.zeros(horizon, dtype=torch.float64, device=device)
@@ -101,7 +100,7 @@ class RolloutSums:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
         x_std = self.standardizer(x, mask)
         lengths = torch.full((len(rows),), P, dtype=torch.int64, device=device)
-        pred = self.to_original(rollout(self.model, x_std[:, :P], lengths, K, feedback=self.feedback))  # (N, K, D)
+        pred = self.outputs.original(rollout(self.model, x_std[:, :P], lengths, K, feedback=self.outputs.feedback))  # (N, K, D)
         truth = x[:, P : P + K].double()
         sq = lambda p: ((p - truth) ** 2).mean(dim=2).sum(dim=0)  # noqa: E731  (K,)
         self.model_sq += sq(pred)

@@ -256,6 +256,9 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple
             kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is list:  # a repeatable flag
+                kwargs["action"] = "append"
+                kwargs["metavar"] = unit or f.name.upper()
             else:
                 kwargs["type"] = tp
                 kwargs["metavar"] = unit if unit and "," in unit else f.name.upper()
@@ -338,6 +341,10 @@ def _flatten(obj: dict, source: str) -> dict[str, Any]:
 def _check_type(name: str, value: Any, tp: type, source: str) -> Any:
     if value is None:
         return None
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{source}: {name} must be a list of strings, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):

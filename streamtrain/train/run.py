@@ -64,6 +64,7 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
             if not dist_info.is_main:
                 data = prepare_data(cfg, run_dir, is_main=False)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
+        cfg.model.check_groups()
         if checkpoint is not None:
             _check_same_model(cfg.model, ModelConfig(**checkpoint["config"]["model"]))
         trainer = Trainer(cfg, data, run_dir, device, dist_info, checkpoint, stream=stream)

@@ -46,7 +46,7 @@ from streamtrain.train.distributed import (
     rank_seed,
 )
 from streamtrain.train.feed import isolated, step_groups
-from streamtrain.train.loss import masked_sq_error, valid_target_count
+from streamtrain.train.loss import loss_terms, masked_sq_error, valid_target_count
 from streamtrain.train.optim import build_optimizer
 from streamtrain.train.precision import build_precision
 from streamtrain.train.probe import probe_run_precision
@@ -239,7 +239,8 @@ class Trainer:
 
     def _exchange_control(self, group: list) -> StepControl:
         """The step's global target count and stop flags: one all-reduce under DDP, none alone."""
-        count = sum(valid_target_count(b.lengths, self.cfg.model.dim) for b in group)
+        terms = loss_terms(self.cfg.model.dim, self.cfg.model.categorical_groups)
+        count = sum(valid_target_count(b.lengths, terms) for b in group)
         return exchange_step_control(self.dist, self.device, count, self._stop_signal is not None, self._time_is_up_locally())
 
     def accumulate_gradients(self, group: list, target_count: int | None = None) -> torch.Tensor:
