@@ -154,6 +154,15 @@ class TrainConfig:
     nonfinite_limit: int = option(
         10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
     )
+    keep_checkpoints: int = option(
+        0, "also keep the newest N checkpoints as checkpoints/step-STEP.pt (best.pt and last.pt always; 0: only those)", "checkpoints"
+    )
+    patience: int | None = option(
+        None, "stop early when validation (every --eval-every steps) has not improved for N evaluations in a row", "evaluations"
+    )
+    ema: float | None = option(
+        None, "keep an exponential moving average of the weights with this decay per step, validated and saved beside them", "decay"
+    )
 
     def __post_init__(self) -> None:
         check_finite_floats(self)
@@ -180,6 +189,12 @@ class TrainConfig:
             raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.nonfinite_limit < 1:
             raise UserError(f"--nonfinite-limit must be >= 1, got {self.nonfinite_limit}")
+        if self.keep_checkpoints < 0:
+            raise UserError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"--patience must be >= 1, got {self.patience}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise UserError(f"--ema must be in (0, 1), got {self.ema}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -210,6 +225,11 @@ class RunConfig:
             raise UserError("give either --data or --synthetic, not both")
         if self.data.val_data is not None and self.data.val_fraction > 0:
             raise UserError("give either --val-data or --val-fraction, not both")
+        if self.train.patience is not None:
+            if self.data.val_data is None and self.data.val_fraction == 0:
+                raise UserError("--patience needs validation data: give --val-data DIR or --val-fraction F")
+            if not self.train.eval_every:
+                raise UserError("--patience needs --eval-every N (validation during the run)")
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:

@@ -30,12 +30,14 @@ from streamtrain.telemetry import (
 )
 from streamtrain.train.checkpoint import (
     capture_rng_state,
+    keep_newest,
     restore_rng_state,
     save_checkpoint,
     unwrap_model,
 )
 from streamtrain.train.config import COMPILE_MAX_SHAPES, RunConfig
 from streamtrain.train.dataprep import TrainData, make_stream_and_loader
+from streamtrain.train.ema import WeightEMA
 from streamtrain.train.distributed import (
     DistInfo,
     StepControl,
@@ -141,6 +143,8 @@ class Trainer:
         self._resumed = False
         # Every rank built the same model from --seed; from here on each rank draws its own dropout masks.
         torch.manual_seed(rank_seed(t.seed, self.dist.rank))
+        self.ema = WeightEMA(self.model, t.ema) if t.ema is not None else None
+        self._evals_since_best = 0  # --patience: validations in a row without a new best
         if checkpoint is not None:
             self._restore(checkpoint)
         self._stop_signal: int | None = None
@@ -182,6 +186,9 @@ class Trainer:
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
         self.best_val_loss = ckpt.get("best_val_loss")
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self._evals_since_best = int(ckpt.get("evals_since_best", 0))
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self._loader_state = ckpt["loader"]
         self.schedule.load_state_dict(ckpt.get("scheduler", {}))
         self._resumed = True
@@ -209,6 +216,8 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "skipped_steps": self.skipped_steps,
             "num_params": self.num_params,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "evals_since_best": self._evals_since_best,
         }
 
     def _save(self, name: str) -> None:
@@ -223,6 +232,8 @@ class Trainer:
             if rng_by_rank is not None:
                 checkpoint["rng_by_rank"] = rng_by_rank
             save_checkpoint(self.ckpt_dir / name, checkpoint)
+            if name == "last.pt" and self.cfg.train.keep_checkpoints:
+                keep_newest(self.ckpt_dir / name, self.step, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -258,13 +269,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- validation
 
-    def validate(self) -> dict:
-        """The validation summary, on every rank. Rank 0 evaluates the plain model (no DDP, no compile) over
+    def validate(self, model: torch.nn.Module | None = None) -> dict:
+        """The validation summary of `model` (default the model trained), on every rank. Rank 0 evaluates
+        the plain model (no DDP, no compile) over
         the whole validation set, every sequence exactly once; the other ranks wait for its sums, so all
         ranks stay in lockstep and take the same best-checkpoint decision."""
         sums = EvalSums(self.cfg.model.dim, self.device)
         if self.val_loader is not None:
-            accumulate_eval(self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
+            accumulate_eval(model or self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
                             self.data.val_index.mean, self.device, self.precision.autocast)
         if self.dist.enabled:
             sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
@@ -291,11 +303,14 @@ class Trainer:
                 loss, grad_norm, finite = self._train_step(group)
                 self.step += 1
                 self._count_nonfinite(finite)
+                if self.ema is not None and finite is not False:
+                    self.ema.update(self.model)
                 tel.count_step(group, wait_s, None if finite is False else loss, self.model.train_flops, self.step)
                 self._refit_schedule()
                 last_step = self.step >= self.total_steps or self._time_is_up()
                 record = self._log_record(tel, grad_norm) if self.step % t.log_every == 0 or last_step else None
                 record = self._maybe_validate(tel, record, last_step)
+                last_step = last_step or self._out_of_patience(record)
                 tel.write(record)
                 stop = self._stop_requested()
                 if (t.save_every and self.step % t.save_every == 0) or last_step or stop:
@@ -340,10 +355,27 @@ class Trainer:
         self._check_finite(val["standardized_mse"] or 0.0, "validation loss")
         record = record if record is not None else {"step": self.step, "epoch": self.epoch}
         record["val_loss"], record["val_mse"] = val["standardized_mse"], val["mse"]
-        if self.best_val_loss is None or val["standardized_mse"] < self.best_val_loss:
+        if self.ema is not None:
+            with tel.excluded():
+                ema_val = self.validate(self.ema.model)
+            record["ema_val_loss"], record["ema_val_mse"] = ema_val["standardized_mse"], ema_val["mse"]
+        improved = self.best_val_loss is None or val["standardized_mse"] < self.best_val_loss
+        self._evals_since_best = 0 if improved else self._evals_since_best + 1
+        if improved:
             self.best_val_loss = val["standardized_mse"]
             self._save("best.pt")
         return record
+
+    def _out_of_patience(self, record: dict | None) -> bool:
+        """--patience: whether this step validated, and the last `patience` validations in a row found no new
+        best (the same decision on every rank, which all see the same validation)."""
+        patience = self.cfg.train.patience
+        validated = record is not None and "val_loss" in record
+        if patience is None or not validated or self._evals_since_best < patience or self.step >= self.total_steps:
+            return False
+        self._print(f"early stop at step {self.step}: validation has not improved for {patience} evaluations "
+                    f"(--patience {patience}; best val_loss {self.best_val_loss:.6g})")
+        return True
 
     def _save_last(self, tel: FitTelemetry, unchecked: bool, loss: torch.Tensor) -> None:
         """Write last.pt (time excluded from throughput); `unchecked`: the step's loss was not checked yet."""
