@@ -154,6 +154,7 @@ class TrainConfig:
     nonfinite_limit: int = option(
         10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
     )
+    tensorboard: bool = option(False, "also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard/ (needs the tensorboard package)")
     keep_checkpoints: int = option(
         0, "also keep the newest N checkpoints as checkpoints/step-STEP.pt (best.pt and last.pt always; 0: only those)", "checkpoints"
     )

@@ -49,6 +49,10 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         raise UserError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
     cfg = resolve_config(flags, file_values, base=checkpoint["config"] if checkpoint else None)
     cfg.check_complete()
+    if cfg.train.tensorboard:
+        from streamtrain.telemetry.tensorboard import require_tensorboard
+
+        require_tensorboard()  # before any work: the one line saying what to install
     cfg = _with_max_shapes(cfg, resumed=checkpoint is not None)
 
     dist_info, device = setup_distributed(cfg.train.device)

@@ -28,6 +28,7 @@ from streamtrain.telemetry import (
     read_metrics,
     summary_text,
 )
+from streamtrain.telemetry.tensorboard import TENSORBOARD_DIR
 from streamtrain.train.checkpoint import (
     capture_rng_state,
     keep_newest,
@@ -295,7 +296,8 @@ class Trainer:
         if self._compile_note:
             view.print(self._compile_note)
         tel = FitTelemetry(view, self.run_dir / "metrics.jsonl", self.step if self._resumed else None, self.dist,
-                           self._peak_flops_per_s(), self.device, saved_step=self.step)
+                           self._peak_flops_per_s(), self.device, saved_step=self.step,
+                           tensorboard_dir=self.run_dir / TENSORBOARD_DIR if t.tensorboard else None)
         with tel, StopSignals(self._on_signal):
             self._start_s, self._fit_start_step = tel.start_s, self.step
             for epoch, group, wait_s in self._step_groups() if self.step < self.total_steps else ():
