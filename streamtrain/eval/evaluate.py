@@ -149,6 +149,7 @@ def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None,
         "num_tokens": int(sums.counts[1].item()),
         "num_targets": num_targets,
     }
+
     def top1(group: tuple[int, int]) -> dict:
         g = sums.groups.index(tuple(group))
         acc = (sums.onehot_correct[3 * g : 3 * g + 3] / denom).tolist() if num_targets else [None] * 3

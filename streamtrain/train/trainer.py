@@ -38,7 +38,6 @@ from streamtrain.train.checkpoint import (
 )
 from streamtrain.train.config import COMPILE_MAX_SHAPES, RunConfig
 from streamtrain.train.dataprep import TrainData, make_stream_and_loader
-from streamtrain.train.ema import WeightEMA
 from streamtrain.train.distributed import (
     DistInfo,
     StepControl,
@@ -48,6 +47,7 @@ from streamtrain.train.distributed import (
     exchange_step_control,
     rank_seed,
 )
+from streamtrain.train.ema import WeightEMA
 from streamtrain.train.feed import isolated, step_groups
 from streamtrain.train.loss import loss_terms, masked_sq_error, valid_target_count
 from streamtrain.train.optim import build_optimizer
@@ -271,13 +271,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- validation
 
     def validate(self, model: torch.nn.Module | None = None) -> dict:
-        """The validation summary of `model` (default the model trained), on every rank. Rank 0 evaluates
-        the plain model (no DDP, no compile) over
-        the whole validation set, every sequence exactly once; the other ranks wait for its sums, so all
-        ranks stay in lockstep and take the same best-checkpoint decision."""
+        """The validation summary of `model` (default: the model trained), on every rank. Rank 0 evaluates
+        the plain model (no DDP, no compile) over the whole validation set, every sequence exactly once; the
+        other ranks wait for its sums, so all ranks stay in lockstep and take the same best-checkpoint decision."""
         sums = EvalSums(self.cfg.model.dim, self.device)
         if self.val_loader is not None:
-            accumulate_eval(model or self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
+            accumulate_eval(self.model if model is None else model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
                             self.data.val_index.mean, self.device, self.precision.autocast)
         if self.dist.enabled:
             sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
