@@ -22,6 +22,9 @@ _COMMANDS = {
     "inspect": ("inspect", "show a dataset's counts, shards, length distribution and statistics"),
     "fit": ("fit", "train a causal Transformer on a dataset (or raw JSON/JSONL folder, or synthetic data)"),
     "eval": ("eval", "evaluate a checkpoint on a dataset against persistence and mean predictors"),
+    "predict": ("predict", "write a checkpoint's next-vector predictions (or rollouts) for a dataset to an Arrow file"),
+    "embed": ("embed", "write one embedding per sequence of a dataset (a checkpoint's final hidden states) to an Arrow file"),
+    "export": ("export", "export a checkpoint as a torch.export (.pt2) or ONNX program, checked against the eager model"),
 }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: environment -> data -> convert -> fit (about a minute) -> eval.
+# The main job, from a fresh machine: environment -> data -> convert -> fit (about a minute) -> eval -> a
+# rollout and the embeddings of the held-out set (tools/show_use.py).
 #
 # Data: real instruction sequences decoded from this machine's binaries (tools/asm_corpus) when it has
 # x86-64 ELF binaries and a decoder; otherwise a synthetic learnable corpus. Either way three disjoint sets:
@@ -34,6 +35,9 @@ if [ "$DATA_KIND" != synthetic ] && $PY -m tools.asm_corpus --check >/dev/null 2
     $ST fit --data "$DATA/train" --val-data "$DATA/val" "${FIT[@]}"
     echo "== eval on the test binaries (held out from training and from selection)"
     $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/test" --onehot 0:12
+    echo "== what the model does: a rollout on one held-out function next to the truth, and the embeddings"
+    $PY -m tools.show_use --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/test" --out-dir "$RUN/show" \
+        --horizon 5 --prefix 8 --classes 0:12 --fields 12,16,17,27
 else
     echo "== data: a synthetic learnable corpus (DATA_KIND=$DATA_KIND; real data needs x86-64 binaries and a decoder)"
     # fit --synthetic N,L --seed 0 trains on the first N sequences of the seed-0 system and picks best.pt on
@@ -59,6 +63,9 @@ PYTHON
     $ST fit --synthetic "$N,$LEN" --seed 0 --val-fraction 0.1 "${FIT[@]}"
     echo "== eval on the synthetic test set (sequences fit never saw)"
     $ST eval --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/synthetic-test"
+    echo "== what the model does: a rollout on one held-out sequence next to the truth, and the embeddings"
+    $PY -m tools.show_use --checkpoint "$RUN/checkpoints/best.pt" --data "$DATA/synthetic-test" --out-dir "$RUN/show" \
+        --horizon 5 --prefix 8
 fi
 echo
-echo "run folder: $RUN (config.json, metrics.jsonl, checkpoints/, loss.png)"
+echo "run folder: $RUN (config.json, metrics.jsonl, checkpoints/, loss.png, show/: rollout.arrow, embed.arrow)"

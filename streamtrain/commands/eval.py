@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
                         help="for an s3:// / gs:// --data: the node-local shard cache (default: the user cache's remote/)")
     parser.add_argument("--cache-limit", metavar="SIZE", default=None,
                         help="for a remote --data: most bytes the cache holds, e.g. 20GB (default: no limit)")
+    parser.add_argument("--horizon", type=int, metavar="K", help="also roll out K steps (predictions fed back) and report the MSE of each step against persistence and the mean")
+    parser.add_argument("--prefix", type=int, metavar="P", help="with --horizon: vectors of real history before the rollout (default min(8, context - K)); sequences shorter than P + K are not scored")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights that fit --ema kept")
     parser.add_argument(
         "--onehot",
         metavar="START:END",
@@ -40,6 +43,8 @@ def run(args) -> int:
 
     if args.batch_tokens < 16:
         raise UserError(f"--batch-tokens must be >= 16, got {args.batch_tokens}")
+    if args.prefix is not None and args.horizon is None:
+        raise UserError("--prefix needs --horizon (how many steps to roll out after it)")
     if args.num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
     onehot = None
@@ -50,7 +55,8 @@ def run(args) -> int:
             raise UserError(f"--onehot expects START:END (two integers), got {args.onehot!r}") from None
         onehot = (start, end)
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_tokens, args.device, args.num_workers, onehot,
-                                 verify=args.verify, cache_dir=args.cache_dir, cache_limit=args.cache_limit)
+                                 verify=args.verify, horizon=args.horizon, prefix=args.prefix, ema=args.ema,
+                                 cache_dir=args.cache_dir, cache_limit=args.cache_limit)
     if report["batch_tokens"] != args.batch_tokens:
         print(
             f"streamtrain eval: --batch-tokens {args.batch_tokens} raised to {report['batch_tokens']} to hold one "
@@ -77,6 +83,16 @@ def run(args) -> int:
         print(f"  top-1 class, fields {onehot[0]}:{onehot[1]}")
         for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
             print(f"    {name:<20}{show(oh[key])}")
+    for group in report.get("categorical", []):
+        a, b = group["fields"]
+        print(f"  top-1 class, trained group {a}:{b}")
+        for name, key in (("model", "accuracy"), ("same as previous", "previous_accuracy"), ("most frequent", "most_frequent_accuracy")):
+            print(f"    {name:<20}{show(group[key])}")
+    if args.horizon is not None:
+        ro = report["rollout"]
+        print(f"  rollout after {ro['prefix']} vectors, {ro['num_sequences']} sequences: mse per step (persistence, mean)")
+        for k, (m, p, mn) in enumerate(zip(ro["mse"], ro["persistence_mse"], ro["mean_mse"]), start=1):
+            print(f"    step {k:<4}{show(m):>12}  ({show(p)}, {show(mn)})")
     worst = sorted(enumerate(report["per_dim_mse"]), key=lambda kv: -kv[1])[:5]
     if worst:
         print("  worst dims (mse): " + ", ".join(f"{d}: {show(v)}" for d, v in worst))

@@ -22,13 +22,14 @@ __all__ = [
 class EvalSums:
     """Per-dimension float64 sums of squared errors; `as_tensor`/`from_tensor` pack them for an all-reduce."""
 
-    def __init__(self, dim: int, device: torch.device):
+    def __init__(self, dim: int, device: torch.device, groups: list[tuple[int, int]] = ()):
         self.dim = dim
+        self.groups = list(groups)  # field groups whose top-1 class is scored
         z = lambda: torch.zeros(dim, dtype=torch.float64, device=device)  # noqa: E731
         self.model, self.persistence, self.mean, self.standardized = z(), z(), z(), z()
         self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # targets, tokens, sequences
-        # top-1 hits of the one-hot group: model, previous vector, most frequent class
-        self.onehot_correct = torch.zeros(3, dtype=torch.float64, device=device)
+        # top-1 hits of each group: model, previous vector, most frequent class
+        self.onehot_correct = torch.zeros(3 * len(self.groups), dtype=torch.float64, device=device)
 
     def as_tensor(self) -> torch.Tensor:
         return torch.cat([self.model, self.persistence, self.mean, self.standardized, self.counts, self.onehot_correct])
@@ -52,9 +53,17 @@ def accumulate_eval(
     autocast=contextlib.nullcontext,
     onehot: tuple[int, int] | None = None,
 ) -> EvalSums:
-    """Add the squared errors of `model` and both baselines over every batch of `batches` to `sums`.
-    `mean`/`std` standardize the model's inputs (training statistics); `data_mean` is the mean predictor."""
+    """Add the squared errors of `model` and both baselines over every batch of `batches` to `sums`, and the
+    top-1 hits of each of `sums.groups` (with `onehot`, and `sums` built without groups: that group).
+    `mean`/`std` standardize the model's inputs (training statistics); `data_mean` is the mean predictor.
+    The model's class groups (`--categorical`) are scored as probabilities (`outputs.ModelOutputs`)."""
+    from streamtrain.eval.outputs import ModelOutputs
+
     standardize = Standardizer(mean, std, device)
+    outputs = ModelOutputs(standardize, model.cfg.categorical_groups)
+    if onehot is not None and not sums.groups:
+        sums.groups = [tuple(onehot)]
+        sums.onehot_correct = torch.zeros(3, dtype=torch.float64, device=device)
     mean64, std64 = standardize.mean64, standardize.std64
     data_mean64 = torch.as_tensor(data_mean, dtype=torch.float64, device=device)
     was_training = model.training
@@ -68,19 +77,18 @@ def accumulate_eval(
                 pred = model(x_std, model_offsets(batch, device))  # (B, T, D) standardized prediction of x[t+1]
             valid = mask[:, 1:, None]  # (B, T-1, 1): target t+1 is real
             target = x[:, 1:].double()  # (B, T-1, D)
-            pred64 = pred[:, :-1].double()
-            pred_orig = pred64 * std64 + mean64
+            pred64 = outputs.standardized(pred[:, :-1])
+            pred_orig = outputs.original(pred[:, :-1])
             err = lambda p: ((p - target) ** 2).masked_fill(~valid, 0.0).sum(dim=(0, 1))  # noqa: E731
             sums.model += err(pred_orig)
             sums.persistence += err(x[:, :-1].double())
             sums.mean += err(data_mean64.expand_as(target))
             sums.standardized += ((pred64 - (target - mean64) / std64) ** 2).masked_fill(~valid, 0.0).sum(dim=(0, 1))
-            if onehot is not None:
-                a, b = onehot
+            for g, (a, b) in enumerate(sums.groups):
                 truth = target[..., a:b].argmax(-1)  # (B, T-1)
                 hits = lambda cls: ((cls == truth) & valid[..., 0]).sum()  # noqa: E731
                 frequent = int(mean64[a:b].argmax())
-                sums.onehot_correct += torch.stack(
+                sums.onehot_correct[3 * g : 3 * g + 3] += torch.stack(
                     [hits(pred_orig[..., a:b].argmax(-1)), hits(x[:, :-1, a:b].argmax(-1)), hits(torch.full_like(truth, frequent))]
                 ).double()
             lengths = batch.lengths
@@ -101,7 +109,8 @@ def accumulate_eval(
     return sums
 
 
-def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
+def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None,
+                 categorical: list[tuple[int, int]] = ()) -> dict:
     """The eval report: MSE in original units, both baselines, skill scores, per-dimension MSE, counts, and
     with `onehot`, top-1 accuracies of that field group.
 
@@ -115,7 +124,8 @@ def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
     With `onehot=(start, end)` (a group of fields that one-hot encodes a class, such as the opcode class of an
     instruction vector), the report also gives top-1 accuracy of argmax over those fields for the model, for
     "same class as the previous vector", and for the training set's most frequent class (the argmax of the
-    training mean over the group, which for one-hot fields is the class frequency).
+    training mean over the group, which for one-hot fields is the class frequency). `categorical`: the same
+    for each class group the model was trained with, as a list under "categorical".
     """
     num_targets = int(sums.counts[0].item())
     denom = max(num_targets, 1)
@@ -139,14 +149,16 @@ def eval_summary(sums: EvalSums, onehot: tuple[int, int] | None = None) -> dict:
         "num_tokens": int(sums.counts[1].item()),
         "num_targets": num_targets,
     }
+
+    def top1(group: tuple[int, int]) -> dict:
+        g = sums.groups.index(tuple(group))
+        acc = (sums.onehot_correct[3 * g : 3 * g + 3] / denom).tolist() if num_targets else [None] * 3
+        return {"fields": list(group), "accuracy": acc[0], "previous_accuracy": acc[1], "most_frequent_accuracy": acc[2]}
+
     if onehot is not None:
-        acc = (sums.onehot_correct / denom).tolist() if num_targets else [None] * 3
-        report["onehot"] = {
-            "fields": list(onehot),
-            "accuracy": acc[0],
-            "previous_accuracy": acc[1],
-            "most_frequent_accuracy": acc[2],
-        }
+        report["onehot"] = top1(onehot)
+    if categorical:
+        report["categorical"] = [top1(group) for group in categorical]
     return report
 
 
@@ -172,40 +184,68 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     onehot: tuple[int, int] | None = None,
     verify: bool = True,
+    horizon: int | None = None,
+    prefix: int | None = None,
+    ema: bool = False,
     cache_dir: str | None = None,
     cache_limit: str | None = None,
 ) -> dict:
     """Load a checkpoint and evaluate it on the dataset in `data_dir` (every sequence once, in order), in
     windows of the training context (`eval_context`); the report adds that window length (`max_len`) and
     the batch budget used (`batch_tokens`, raised from the one given when a window needs more).
-    `verify`: check the dataset's checksums before use (see ShardStream); `cache_dir`, `cache_limit`: for a
-    dataset URL, its node-local cache."""
+    `verify`: check the dataset's checksums before use (see ShardStream). `horizon`: also roll out that many
+    steps after `prefix` vectors (default min(8, context - horizon)) of each sequence whose first window holds
+    prefix + horizon vectors, and report the error per step under "rollout" (`rollout.RolloutSums`).
+    `ema`: evaluate the EMA weights of the checkpoint. `cache_dir`, `cache_limit`: for a dataset URL, its
+    node-local cache."""
     from streamtrain.data import ShardStream, make_loader
     from streamtrain.errors import UserError
-    from streamtrain.model import ModelConfig
-    from streamtrain.model.transformer import CausalTransformer
-    from streamtrain.train.checkpoint import load_checkpoint
+    from streamtrain.eval.load import load_model
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-    model_cfg = ModelConfig(**checkpoint["config"]["model"])
     from streamtrain.storage.remote import open_index
 
+    model, standardizer, config = load_model(checkpoint_path, device, ema=ema)
+    dev = standardizer.mean64.device
     index = open_index(data_dir, cache_dir)
-    if index.dim != model_cfg.dim:
-        raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {model_cfg.dim}")
+    if index.dim != config.model.dim:
+        raise UserError(f"--data {data_dir}: vectors have {index.dim} dims, the checkpoint's model expects {config.model.dim}")
     if onehot is not None and not 0 <= onehot[0] < onehot[1] <= index.dim:
         raise UserError(f"--onehot {onehot[0]}:{onehot[1]}: needs 0 <= START < END <= {index.dim}")
-    model = CausalTransformer(model_cfg)
-    model.load_state_dict(checkpoint["model"])
-    model.to(dev)
-    stats = checkpoint["stats"]
-    mean, std = stats["mean"], stats["std"]
-    max_len, max_tokens = eval_context(checkpoint["config"], batch_tokens)
+    mean, std = standardizer.mean, standardizer.std
+    max_len, max_tokens = eval_context(config.to_json(), batch_tokens)
     stream = ShardStream(str(data_dir), max_tokens=max_tokens, seed=0, shuffle=False, rank=0, world_size=1,
                          max_len=max_len, verify=verify, cache_dir=cache_dir, cache_limit=cache_limit)
     loader = make_loader(stream, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    sums = accumulate_eval(model, loader, EvalSums(index.dim, dev), mean, std, index.mean, dev, onehot=onehot)
-    return {**eval_summary(sums, onehot), "max_len": max_len, "batch_tokens": max_tokens}
+    batches, rollouts = loader, None
+    if horizon is not None:
+        rollouts = _rollout_sums(model, standardizer, index.mean, horizon, prefix, max_len)
+        batches = _also_into(loader, rollouts)
+    categorical = config.model.categorical_groups
+    groups = list(dict.fromkeys(([tuple(onehot)] if onehot is not None else []) + categorical))
+    sums = accumulate_eval(model, batches, EvalSums(index.dim, dev, groups), mean, std, index.mean, dev)
+    report = {**eval_summary(sums, onehot, categorical), "max_len": max_len, "batch_tokens": max_tokens}
+    if rollouts is not None:
+        report["rollout"] = rollouts.summary()
+    return report
+
+
+def _rollout_sums(model, standardizer, data_mean, horizon: int, prefix: int | None, max_len: int):
+    from streamtrain.errors import UserError
+    from streamtrain.eval.rollout import RolloutSums
+
+    if horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {horizon}")
+    if prefix is None:
+        prefix = min(8, max_len - horizon)
+    if prefix < 1 or prefix + horizon > max_len:
+        raise UserError(
+            f"--prefix {prefix} + --horizon {horizon} must be at most the training context ({max_len} vectors), "
+            "with a prefix of at least 1: the truth of a rollout comes from a sequence's first window"
+        )
+    return RolloutSums(model, standardizer, horizon, prefix, data_mean)
+
+
+def _also_into(batches, rollouts):
+    for batch in batches:
+        rollouts.add(batch)
+        yield batch

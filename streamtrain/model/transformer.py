@@ -5,7 +5,8 @@ H heads, hd = C // H head width.
 
     x (B, T, D) --Linear--> (B, T, C) + sinusoidal positions --> L pre-LN blocks --> LayerNorm --> Linear --> (B, T, D)
 
-Output position t is the prediction of the input vector at t + 1.
+Output position t is the prediction of the input vector at t + 1. A `KVCache` keeps each block's keys and
+values, so that a rollout feeds one new position per step instead of re-running the whole sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from streamtrain.model.config import ModelConfig
 
-__all__ = ["CausalTransformer", "sinusoidal_positions"]
+__all__ = ["CausalTransformer", "KVCache", "sinusoidal_positions"]
 
 
 def sinusoidal_positions(T: int, C: int, device=None, dtype=torch.float32, start: int = 0) -> torch.Tensor:
@@ -38,6 +39,31 @@ def _sinusoid(pos: torch.Tensor, C: int) -> torch.Tensor:
     return pe
 
 
+class KVCache:
+    """Keys and values of every block for a batch, in slots 0..length-1 of a preallocated buffer.
+
+    Attention has no relative-position term (positions enter once, added to the embedding), so a slot need not
+    be a position: a right-padded prefix fills slots 0..Tp-1, and every later step of every row appends at the
+    same slot, while `valid` (B, slots) hides the prefix's padding from every later query."""
+
+    def __init__(self, batch: int, slots: int, cfg: ModelConfig, device, dtype=torch.float32):
+        hd = cfg.d_model // cfg.heads
+        shape = (batch, cfg.heads, slots, hd)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled
+
+    def attention_mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, length + T) True where query t of the T new slots may attend: every valid earlier slot,
+        and the new slots up to itself."""
+        start = self.length
+        end = start + T
+        slot = torch.arange(end, device=self.valid.device)
+        causal = slot[None, :] <= (start + torch.arange(T, device=self.valid.device))[:, None]  # (T, end)
+        return (causal[None] & self.valid[:, None, :end])[:, None]  # (B, 1, T, end)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -47,13 +73,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H = self.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
         v = v.view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.keys[layer][:, :, start:end] = k
+            cache.values[layer][:, :, start:end] = v
+            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]  # (B, H, end, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+            return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
         # No padding mask is needed: sequences are right-padded, so every key a real position t may attend
         # to under the causal mask (positions <= t) is itself real. Pad positions attend to real keys and to
         # other pads, but their outputs are never used as a prediction and never feed a real position.
@@ -85,8 +119,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -131,6 +166,10 @@ class CausalTransformer(nn.Module):
         offsets: (B,) position of each row's first vector within its sequence (a later window of a sequence
         longer than --max-len starts past 0), so row b's vector t is encoded at position offsets[b] + t;
         None: every row starts at 0."""
+        return self.head(self.features(x, offsets))  # (B, T, D)
+
+    def features(self, x: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (after the last LayerNorm) that the head reads: (B, T, D) -> (B, T, C)."""
         B, T, D = x.shape
         h = self.embed(self.input_norm(x))  # (B, T, C)
         if offsets is None:
@@ -141,6 +180,23 @@ class CausalTransformer(nn.Module):
         h = self.drop(h + pe)  # (B, T, C)
         for block in self.blocks:
             h = block(h)
+        return self.ln_f(h)  # (B, T, C)
+
+    @torch.no_grad()
+    def step_cached(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append T new slots to `cache` and predict from them, in eval mode (no dropout).
+
+        x: (B, T, D) standardized inputs; positions: (B, T) the position of each in its sequence;
+        valid: (B, T) which of them are real (default all: padding of a right-padded prefix is not).
+        Returns (B, T, D) predictions of the next vector, as `forward` would give at those positions."""
+        B, T, D = x.shape
+        cache.valid[:, cache.length : cache.length + T] = True if valid is None else valid
+        mask = cache.attention_mask(T)  # (B, 1, T, length + T)
+        h = self.embed(self.input_norm(x)) + _sinusoid(positions.to(x.device, torch.float32), self.cfg.d_model).to(x.dtype)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, cache, layer, mask)
+        cache.length += T
         return self.head(self.ln_f(h))  # (B, T, D)
 
     def num_params(self) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "restore_rng_state",
     "unwrap_model",
     "remove_temp_files",
+    "keep_newest",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -94,6 +95,8 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
         stats            {"mean": [...], "std": [...]} the standardization of inputs and targets (float64 lists)
         best_val_loss    best validation loss (standardized MSE) so far, or None
         skipped_steps    steps whose update --nonfinite skip dropped (absent before that flag: 0)
+        ema              with --ema: the moving average of the weights (a state_dict like model)
+        evals_since_best validations in a row without a new best (what --patience counts)
         num_params       parameter count of the model
 
     It holds only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`: loading a
@@ -163,6 +166,28 @@ def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def keep_newest(checkpoint: str | os.PathLike, step: int, keep: int) -> list[Path]:
+    """Keep a copy of `checkpoint` as step-STEP.pt beside it (a hard link where the filesystem allows, else a
+    copy, each renamed into place atomically), then delete all but the newest `keep` such files; return the
+    ones deleted."""
+    import shutil
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint.parent
+    target = folder / f"step-{step:09d}.pt"
+    tmp = folder / f".{target.name}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, target)
+    old = sorted(folder.glob("step-*.pt"))[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

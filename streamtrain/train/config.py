@@ -209,6 +209,16 @@ class TrainConfig:
     nonfinite_limit: int = option(
         10, "with --nonfinite skip, stop after this many consecutive non-finite steps", "steps"
     )
+    tensorboard: bool = option(False, "also write the metrics.jsonl scalars as TensorBoard events in RUN/tensorboard/ (needs the tensorboard package)")
+    keep_checkpoints: int = option(
+        0, "also keep the newest N checkpoints as checkpoints/step-STEP.pt (best.pt and last.pt always; 0: only those)", "checkpoints"
+    )
+    patience: int | None = option(
+        None, "stop early when validation (every --eval-every steps) has not improved for N evaluations in a row", "evaluations"
+    )
+    ema: float | None = option(
+        None, "keep an exponential moving average of the weights with this decay per step, validated and saved beside them", "decay"
+    )
 
     def __post_init__(self) -> None:
         check_finite_floats(self)
@@ -235,6 +245,12 @@ class TrainConfig:
             raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.nonfinite_limit < 1:
             raise UserError(f"--nonfinite-limit must be >= 1, got {self.nonfinite_limit}")
+        if self.keep_checkpoints < 0:
+            raise UserError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"--patience must be >= 1, got {self.patience}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise UserError(f"--ema must be in (0, 1), got {self.ema}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -267,6 +283,11 @@ class RunConfig:
             raise UserError("give either --val-data or --val-fraction, not both")
         if len(self.data.sources()) > 1 and self.data.val_fraction > 0:
             raise UserError("--val-fraction splits one dataset; with several --data sources give --val-data")
+        if self.train.patience is not None:
+            if self.data.val_data is None and self.data.val_fraction == 0:
+                raise UserError("--patience needs validation data: give --val-data DIR or --val-fraction F")
+            if not self.train.eval_every:
+                raise UserError("--patience needs --eval-every N (validation during the run)")
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:
@@ -313,8 +334,11 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple
             kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
-            elif f.metadata.get("repeat"):
+            elif f.metadata.get("repeat"):  # a str, or a list of them when the flag is repeated
                 kwargs.update(action="append", type=tp, metavar=unit or f.name.upper())
+            elif typing.get_origin(tp) is list:  # a repeatable flag
+                kwargs["action"] = "append"
+                kwargs["metavar"] = unit or f.name.upper()
             else:
                 kwargs["type"] = tp
                 kwargs["metavar"] = unit if unit and "," in unit else f.name.upper()
@@ -400,6 +424,10 @@ def _check_type(name: str, value: Any, tp: type, source: str, repeat: bool = Fal
     if repeat and isinstance(value, list):
         if not all(isinstance(v, tp) for v in value):
             raise UserError(f"{source}: {name} must be a {tp.__name__} or a list of them, got {value!r}")
+        return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{source}: {name} must be a list of strings, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

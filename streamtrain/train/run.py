@@ -49,6 +49,10 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         raise UserError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --out")
     cfg = resolve_config(flags, file_values, base=checkpoint["config"] if checkpoint else None)
     cfg.check_complete()
+    if cfg.train.tensorboard:
+        from streamtrain.telemetry.tensorboard import require_tensorboard
+
+        require_tensorboard()  # before any work: the one line saying what to install
     cfg = _with_max_shapes(cfg, resumed=checkpoint is not None)
 
     dist_info, device = setup_distributed(cfg.train.device)
@@ -64,6 +68,7 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
             if not dist_info.is_main:
                 data = prepare_data(cfg, run_dir, is_main=False)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
+        cfg.model.check_groups()
         if checkpoint is not None:
             _check_same_model(cfg.model, ModelConfig(**checkpoint["config"]["model"]))
         trainer = Trainer(cfg, data, run_dir, device, dist_info, checkpoint, stream=stream)

@@ -29,8 +29,10 @@ class FitTelemetry:
     starts the clock; leaving closes the view and the log."""
 
     def __init__(self, view: LiveView, metrics_path, resume_step: int | None, dist: DistInfo,
-                 peak_flops_per_s: float | None, device: torch.device, saved_step: int):
+                 peak_flops_per_s: float | None, device: torch.device, saved_step: int, tensorboard_dir=None):
         self.view, self.dist, self.device = view, dist, device
+        self._tensorboard_dir = tensorboard_dir  # also write the records as TensorBoard scalars there
+        self.tensorboard = None
         self._metrics_args = (metrics_path, resume_step)
         self._peak = peak_flops_per_s
         self.last_record: dict | None = None
@@ -42,6 +44,10 @@ class FitTelemetry:
     def __enter__(self) -> FitTelemetry:
         path, resume_step = self._metrics_args
         self.metrics = MetricsLog(path, resume_step=resume_step, enabled=self.dist.is_main)
+        if self._tensorboard_dir is not None and self.dist.is_main:
+            from streamtrain.telemetry.tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(self._tensorboard_dir)
         self.meter = ThroughputMeter(self._peak)
         self.start_s = time.perf_counter()
         return self
@@ -49,6 +55,8 @@ class FitTelemetry:
     def __exit__(self, *exc) -> None:
         self.close()
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def close(self) -> None:
         self.view.close()
@@ -86,6 +94,8 @@ class FitTelemetry:
         if record is None:
             return
         self.metrics.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if "loss" in record:
             self.view.log(record)
             self.last_record = record

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from streamtrain.data.batch import Standardizer, model_offsets
+from streamtrain.train.checkpoint import unwrap_model
 from streamtrain.train.distributed import DistInfo, all_reduce_sum
-from streamtrain.train.loss import masked_sq_error
+from streamtrain.train.loss import masked_sq_error, next_step_loss
 from streamtrain.train.optim import set_lr
 
 __all__ = ["StepOutcome", "StepRunner", "micro_batch_loss"]
@@ -34,7 +35,11 @@ def micro_batch_loss(model, batch, standardize: Standardizer, device: torch.devi
         torch._dynamo.maybe_mark_dynamic(offsets, 0)
     with autocast():
         pred = model(x_std, offsets)
-    return masked_sq_error(pred, x_std, mask) * scale
+    cfg = unwrap_model(model).cfg
+    groups = cfg.categorical_groups
+    if not groups:
+        return masked_sq_error(pred, x_std, mask) * scale
+    return next_step_loss(pred, x_std, mask, x, groups, cfg.categorical_weight) * scale
 
 
 @dataclass

@@ -28,8 +28,10 @@ from streamtrain.telemetry import (
     read_metrics,
     summary_text,
 )
+from streamtrain.telemetry.tensorboard import TENSORBOARD_DIR
 from streamtrain.train.checkpoint import (
     capture_rng_state,
+    keep_newest,
     restore_rng_state,
     save_checkpoint,
     unwrap_model,
@@ -45,8 +47,9 @@ from streamtrain.train.distributed import (
     exchange_step_control,
     rank_seed,
 )
+from streamtrain.train.ema import WeightEMA
 from streamtrain.train.feed import isolated, step_groups
-from streamtrain.train.loss import masked_sq_error, valid_target_count
+from streamtrain.train.loss import loss_terms, masked_sq_error, valid_target_count
 from streamtrain.train.optim import build_optimizer
 from streamtrain.train.precision import build_precision
 from streamtrain.train.probe import probe_run_precision
@@ -141,6 +144,8 @@ class Trainer:
         self._resumed = False
         # Every rank built the same model from --seed; from here on each rank draws its own dropout masks.
         torch.manual_seed(rank_seed(t.seed, self.dist.rank))
+        self.ema = WeightEMA(self.model, t.ema) if t.ema is not None else None
+        self._evals_since_best = 0  # --patience: validations in a row without a new best
         if checkpoint is not None:
             self._restore(checkpoint)
         self._stop_signal: int | None = None
@@ -182,6 +187,9 @@ class Trainer:
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
         self.best_val_loss = ckpt.get("best_val_loss")
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self._evals_since_best = int(ckpt.get("evals_since_best", 0))
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self._loader_state = ckpt["loader"]
         self.schedule.load_state_dict(ckpt.get("scheduler", {}))
         self._resumed = True
@@ -209,6 +217,8 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "skipped_steps": self.skipped_steps,
             "num_params": self.num_params,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "evals_since_best": self._evals_since_best,
         }
 
     def _save(self, name: str) -> None:
@@ -223,6 +233,8 @@ class Trainer:
             if rng_by_rank is not None:
                 checkpoint["rng_by_rank"] = rng_by_rank
             save_checkpoint(self.ckpt_dir / name, checkpoint)
+            if name == "last.pt" and self.cfg.train.keep_checkpoints:
+                keep_newest(self.ckpt_dir / name, self.step, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -239,7 +251,8 @@ class Trainer:
 
     def _exchange_control(self, group: list) -> StepControl:
         """The step's global target count and stop flags: one all-reduce under DDP, none alone."""
-        count = sum(valid_target_count(b.lengths, self.cfg.model.dim) for b in group)
+        terms = loss_terms(self.cfg.model.dim, self.cfg.model.categorical_groups)
+        count = sum(valid_target_count(b.lengths, terms) for b in group)
         return exchange_step_control(self.dist, self.device, count, self._stop_signal is not None, self._time_is_up_locally())
 
     def accumulate_gradients(self, group: list, target_count: int | None = None) -> torch.Tensor:
@@ -257,13 +270,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- validation
 
-    def validate(self) -> dict:
-        """The validation summary, on every rank. Rank 0 evaluates the plain model (no DDP, no compile) over
-        the whole validation set, every sequence exactly once; the other ranks wait for its sums, so all
-        ranks stay in lockstep and take the same best-checkpoint decision."""
+    def validate(self, model: torch.nn.Module | None = None) -> dict:
+        """The validation summary of `model` (default: the model trained), on every rank. Rank 0 evaluates
+        the plain model (no DDP, no compile) over the whole validation set, every sequence exactly once; the
+        other ranks wait for its sums, so all ranks stay in lockstep and take the same best-checkpoint decision."""
         sums = EvalSums(self.cfg.model.dim, self.device)
         if self.val_loader is not None:
-            accumulate_eval(self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
+            accumulate_eval(self.model if model is None else model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
                             self.data.val_index.mean, self.device, self.precision.autocast)
         if self.dist.enabled:
             sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
@@ -282,7 +295,8 @@ class Trainer:
         if self._compile_note:
             view.print(self._compile_note)
         tel = FitTelemetry(view, self.run_dir / "metrics.jsonl", self.step if self._resumed else None, self.dist,
-                           self._peak_flops_per_s(), self.device, saved_step=self.step)
+                           self._peak_flops_per_s(), self.device, saved_step=self.step,
+                           tensorboard_dir=self.run_dir / TENSORBOARD_DIR if t.tensorboard else None)
         with tel, StopSignals(self._on_signal):
             self._start_s, self._fit_start_step = tel.start_s, self.step
             for epoch, group, wait_s in self._step_groups() if self.step < self.total_steps else ():
@@ -290,11 +304,14 @@ class Trainer:
                 loss, grad_norm, finite = self._train_step(group)
                 self.step += 1
                 self._count_nonfinite(finite)
+                if self.ema is not None and finite is not False:
+                    self.ema.update(self.model)
                 tel.count_step(group, wait_s, None if finite is False else loss, self.model.train_flops, self.step)
                 self._refit_schedule()
                 last_step = self.step >= self.total_steps or self._time_is_up()
                 record = self._log_record(tel, grad_norm) if self.step % t.log_every == 0 or last_step else None
                 record = self._maybe_validate(tel, record, last_step)
+                last_step = last_step or self._out_of_patience(record)
                 tel.write(record)
                 stop = self._stop_requested()
                 if (t.save_every and self.step % t.save_every == 0) or last_step or stop:
@@ -339,10 +356,27 @@ class Trainer:
         self._check_finite(val["standardized_mse"] or 0.0, "validation loss")
         record = record if record is not None else {"step": self.step, "epoch": self.epoch}
         record["val_loss"], record["val_mse"] = val["standardized_mse"], val["mse"]
-        if self.best_val_loss is None or val["standardized_mse"] < self.best_val_loss:
+        if self.ema is not None:
+            with tel.excluded():
+                ema_val = self.validate(self.ema.model)
+            record["ema_val_loss"], record["ema_val_mse"] = ema_val["standardized_mse"], ema_val["mse"]
+        improved = self.best_val_loss is None or val["standardized_mse"] < self.best_val_loss
+        self._evals_since_best = 0 if improved else self._evals_since_best + 1
+        if improved:
             self.best_val_loss = val["standardized_mse"]
             self._save("best.pt")
         return record
+
+    def _out_of_patience(self, record: dict | None) -> bool:
+        """--patience: whether this step validated, and the last `patience` validations in a row found no new
+        best (the same decision on every rank, which all see the same validation)."""
+        patience = self.cfg.train.patience
+        validated = record is not None and "val_loss" in record
+        if patience is None or not validated or self._evals_since_best < patience or self.step >= self.total_steps:
+            return False
+        self._print(f"early stop at step {self.step}: validation has not improved for {patience} evaluations "
+                    f"(--patience {patience}; best val_loss {self.best_val_loss:.6g})")
+        return True
 
     def _save_last(self, tel: FitTelemetry, unchecked: bool, loss: torch.Tensor) -> None:
         """Write last.pt (time excluded from throughput); `unchecked`: the step's loss was not checked yet."""
