@@ -150,3 +150,31 @@ def test_each_rank_has_its_own_dropout_stream_reproducibly_and_resumes_it_exactl
     assert a["step"] == b["step"] == 6
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_lost_ranks_are_those_whose_heartbeat_stopped_unless_they_finished():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from streamtrain.train.liveness import Heartbeat, lost_ranks
+
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    beats = [Heartbeat(store, rank, "127.0.0.1", port, 10.0) for rank in range(3)]
+    beats[0].start()
+    beats[2].start()
+    try:
+        assert lost_ranks(store, 3, me=0, window_s=1.5) == [1]  # never beat: lost
+        beats[2].stop(done=False)  # stopped without finishing: lost
+        assert lost_ranks(store, 3, me=0, window_s=1.5) == [1, 2]
+        beats[1].start()
+        beats[1].stop(done=True)  # finished normally: silent but not lost
+        assert lost_ranks(store, 3, me=0, window_s=1.5) == [2]
+    finally:
+        beats[0].stop(done=True)
+    del store
+    gone = dist.TCPStore("127.0.0.1", _free_port(), is_master=True, timeout=timedelta(seconds=2), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", gone.port, is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
+    del gone  # the store's host is down
+    assert lost_ranks(client, 2, me=1, window_s=0.1) is None

@@ -45,6 +45,7 @@ from streamtrain.train.distributed import (
     exchange_step_control,
     rank_seed,
 )
+from streamtrain.train.faults import kill_rank_if_asked
 from streamtrain.train.feed import isolated, step_groups
 from streamtrain.train.loss import masked_sq_error, valid_target_count
 from streamtrain.train.optim import build_optimizer
@@ -289,6 +290,7 @@ class Trainer:
                 self.epoch = epoch
                 loss, grad_norm, finite = self._train_step(group)
                 self.step += 1
+                kill_rank_if_asked(self.step, self.dist.rank)
                 self._count_nonfinite(finite)
                 tel.count_step(group, wait_s, None if finite is False else loss, self.model.train_flops, self.step)
                 self._refit_schedule()

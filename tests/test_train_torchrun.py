@@ -1,0 +1,66 @@
+"""fit under torchrun, as users start it: a rank killed mid-run ends the job in bounded time with one line
+naming it; `--max-restarts` resumes from the last checkpoint; `fit --nproc N` launches torchrun itself."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamtrain.train.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--synthetic", "48,24", "--d-model", "16", "--layers", "1", "--heads", "2", "--ff", "32",
+        "--batch-tokens", "128", "--device", "cpu", "--threads", "1", "--log-every", "1", "--save-every", "2"]
+JOB_TIMEOUT_S = 120  # a hang fails the test instead of the suite
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env.update(extra)
+    return env
+
+
+def _torchrun(run_dir, *argv, torchrun_args=(), **env) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *torchrun_args,
+           "-m", "streamtrain", "fit", *TINY, "--out", str(run_dir), *argv]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    return done, time.monotonic() - t0
+
+
+def _metric_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_with_one_line_naming_it(tmp_path):
+    done, elapsed_s = _torchrun(tmp_path / "run", "--max-steps", "1000", STREAMTRAIN_TEST_KILL_AT_STEP="5")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert elapsed_s < 60, out  # includes two interpreter starts and torchrun's own bookkeeping
+    ours = [line for line in out.splitlines() if line.startswith("streamtrain fit: error:")]
+    assert len(ours) == 1, out
+    assert "rank 1 of 2 lost at step 5" in ours[0]
+    assert "pair.cc" not in out  # gloo's error became the line, not a traceback
+    # the survivor exited on its own with the rank-lost code, before torchrun had to kill it
+    assert "exitcode  : 4" in out, out
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"] == 4
+
+
+@pytest.mark.slow
+def test_max_restarts_resumes_from_the_last_checkpoint_and_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    done, _ = _torchrun(run_dir, "--max-steps", "10", torchrun_args=("--max-restarts", "1"),
+                        STREAMTRAIN_TEST_KILL_AT_STEP="5")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "rank 1 of 2 lost at step 5" in out  # the first attempt did die
+    assert f"torchrun restart 1: resuming from {run_dir / 'checkpoints' / 'last.pt'}" in out
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["step"] == 10
+    # steps 1-4 from the first attempt (its step 5 was never saved, so the restart redid it), 5-10 after
+    assert _metric_steps(run_dir) == list(range(1, 11))
