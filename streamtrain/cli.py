@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `fit --nproc` passes on to the processes it starts
     try:
         return int(args._run(args) or 0)
     except UserError as e:

@@ -64,3 +64,39 @@ def test_max_restarts_resumes_from_the_last_checkpoint_and_finishes(tmp_path):
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["step"] == 10
     # steps 1-4 from the first attempt (its step 5 was never saved, so the restart redid it), 5-10 after
     assert _metric_steps(run_dir) == list(range(1, 11))
+
+
+def test_without_nproc_keeps_every_other_argument():
+    from streamtrain.train.launch import torchrun_command, without_nproc
+
+    argv = ["--synthetic", "8,4", "--nproc", "2", "--out", "r", "--nproc=3", "--lr", "1e-3"]
+    assert without_nproc(argv) == ["--synthetic", "8,4", "--out", "r", "--lr", "1e-3"]
+    cmd = torchrun_command(4, ["--out", "r"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "streamtrain",
+                       "fit", "--out", "r"]
+
+
+def test_nproc_under_torchrun_or_below_one_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from streamtrain.cli import main
+
+    assert main(["fit", "--nproc", "0", "--synthetic", "8,4", "--out", str(tmp_path / "r")]) == 2
+    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["fit", "--nproc", "2", "--synthetic", "8,4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already runs under torchrun: drop --nproc" in err[0]
+
+
+@pytest.mark.slow
+def test_fit_nproc_2_trains_in_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "streamtrain", "fit", "--nproc", "2", *TINY, "--out", str(run_dir), "--max-steps", "4"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checkpoint = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert checkpoint["step"] == 4
+    assert len(checkpoint["rng_by_rank"]) == 2  # written by a job of two ranks
+    assert not torch.equal(checkpoint["rng_by_rank"][0]["torch"], checkpoint["rng_by_rank"][1]["torch"])
+    # each step of two ranks draws twice the batches of one: 4 steps, 8 global batches
+    assert checkpoint["loader"]["global_batches_done"] == 8 and checkpoint["loader"]["world_size"] == 2
+    assert _metric_steps(run_dir) == [1, 2, 3, 4]

@@ -12,10 +12,25 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt, exactly"
     )
+    parser.add_argument(
+        "--nproc", type=int, metavar="N",
+        help="train in N processes on this node (data parallel), started through torchrun --standalone; "
+        "many nodes: run torchrun yourself (see README) [processes]",
+    )
     add_flags(parser)
 
 
 def run(args) -> int:
+    if args.nproc is not None:
+        if args.nproc < 1:
+            from streamtrain.errors import UserError
+
+            raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            from streamtrain.train.launch import launch_local, without_nproc
+
+            argv = args.argv[args.argv.index("fit") + 1 :]
+            return launch_local(args.nproc, without_nproc(argv))
     from streamtrain.train.config import flag_values
     from streamtrain.train.run import run_fit
 
