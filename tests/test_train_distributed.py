@@ -1,4 +1,4 @@
-"""distributed: the packed per-step control exchange and the broadcast of rank 0's validation sums."""
+"""distributed: the packed per-step control exchange, heartbeats naming a lost rank, validation split over ranks."""
 
 import pytest
 import torch
@@ -178,3 +178,83 @@ def test_lost_ranks_are_those_whose_heartbeat_stopped_unless_they_finished():
     client = dist.TCPStore("127.0.0.1", gone.port, is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
     del gone  # the store's host is down
     assert lost_ranks(client, 2, me=1, window_s=0.1) is None
+
+
+def _validate_rank(rank: int, port: int, flags: dict, results) -> None:
+    """One rank of a 2-process fit that reports how many validation sequences it evaluated itself and the
+    validation summaries every rank ended up with."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import streamtrain.train.run as fitrun
+    import streamtrain.train.trainer as trainer_module
+
+    evaluated, summaries = [], []
+    accumulate = trainer_module.accumulate_eval
+
+    def counting_accumulate(*args, **kwargs):
+        sums = accumulate(*args, **kwargs)
+        evaluated.append(int(sums.counts[2]))  # this rank's sequences, before the all-reduce
+        return sums
+
+    class RecordingTrainer(fitrun.Trainer):
+        def validate(self):
+            summaries.append(super().validate())
+            return summaries[-1]
+
+    trainer_module.accumulate_eval = counting_accumulate  # this process only
+    fitrun.Trainer = RecordingTrainer
+    code = fitrun.run_fit(flags)
+    results.put((rank, code, evaluated, summaries))
+
+
+@pytest.mark.slow
+def test_every_rank_validates_its_share_and_the_sums_equal_one_process(tmp_path):
+    import dataclasses
+
+    import torch.multiprocessing as mp
+    from conftest import write_dataset
+    from test_train_trainer import TINY, _sequences
+
+    from streamtrain.train.checkpoint import load_checkpoint
+    from streamtrain.train.config import resolve_config
+    from streamtrain.train.dataprep import prepare_data
+    from streamtrain.train.trainer import Trainer
+
+    write_dataset(tmp_path / "data", _sequences(61, max_len=60), shard_bytes=1500)
+    flags = {**TINY, "data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "batch_tokens": 96,
+             "val_fraction": 0.4, "max_len": 24, "max_steps": 2, "device": "cpu", "save_every": 0}
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_validate_rank, args=(rank, port, flags, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (_, code0, evaluated0, summaries0), (_, code1, evaluated1, summaries1) = got
+    assert code0 == code1 == 0
+    assert summaries0 == summaries1 and len(summaries0) == 1  # every rank took the same decision
+
+    # the same weights validated by one process over the whole set
+    cfg = resolve_config({**flags, "out": str(tmp_path / "alone")})
+    data = prepare_data(cfg, tmp_path / "alone", is_main=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
+    alone = Trainer(cfg, data, tmp_path / "alone", torch.device("cpu"),
+                    checkpoint=load_checkpoint(tmp_path / "run/checkpoints/last.pt"))
+    assert alone.val_stream.num_global_batches % 2 == 1  # so one rank's count is evened out by a repeat
+    reference = alone.validate()
+    assert reference["num_sequences"] == len(data.val_ids)
+    # both ranks did part of the work, together every sequence (and window) once
+    assert evaluated0[0] > 0 and evaluated1[0] > 0
+    assert evaluated0[0] + evaluated1[0] == reference["num_sequences"]
+    two = summaries0[0]
+    for key in ("num_sequences", "num_tokens", "num_targets"):
+        assert two[key] == reference[key], key
+    for key in ("mse", "standardized_mse", "persistence_mse", "mean_mse"):
+        assert two[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    assert two["per_dim_mse"] == pytest.approx(reference["per_dim_mse"], rel=1e-9, abs=1e-12)

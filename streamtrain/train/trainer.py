@@ -41,7 +41,7 @@ from streamtrain.train.distributed import (
     StepControl,
     all_gather_objects,
     all_reduce_max,
-    broadcast_from_main,
+    all_reduce_sum,
     exchange_step_control,
     rank_seed,
 )
@@ -117,11 +117,12 @@ class Trainer:
         self.runner = StepRunner(self.model, self.train_model, self.optimizer, self.precision, self.standardize,
                                  self.dist, device, cfg.optim.clip, t.compile, t.nonfinite == "skip")
 
-        # Validation runs on rank 0 alone over the whole set (every sequence exactly once), see validate().
+        # Every rank validates its share of the validation set, see validate().
         self._has_val = data.val_root is not None
-        self.val_loader = None
-        if self._has_val and self.dist.is_main:
-            _, self.val_loader = self._make_loader(data.val_root, data.val_ids, shuffle=False, rank=0, world_size=1)
+        self.val_stream = self.val_loader = None
+        if self._has_val:
+            self.val_stream, self.val_loader = self._make_loader(
+                data.val_root, data.val_ids, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
 
         self.steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
         if self.steps_per_epoch == 0:
@@ -259,16 +260,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- validation
 
     def validate(self) -> dict:
-        """The validation summary, on every rank. Rank 0 evaluates the plain model (no DDP, no compile) over
-        the whole validation set, every sequence exactly once; the other ranks wait for its sums, so all
-        ranks stay in lockstep and take the same best-checkpoint decision."""
+        """The validation summary, on every rank: each rank evaluates the plain model (no DDP, no compile)
+        over its share of the validation set, and the float64 sums are all-reduced, so the result is that of
+        one process over the whole set (every sequence exactly once) and no rank waits for another."""
         sums = EvalSums(self.cfg.model.dim, self.device)
         if self.val_loader is not None:
-            accumulate_eval(self.model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
+            accumulate_eval(self.model, self._own_val_batches(), sums, self.mean, self.std,
                             self.data.val_index.mean, self.device, self.precision.autocast)
         if self.dist.enabled:
-            sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
+            sums.load_tensor(all_reduce_sum(self.dist, sums.as_tensor()))
         return eval_summary(sums)
+
+    def _own_val_batches(self) -> Iterator:
+        """This rank's validation batches without the repeat that evens out the ranks' counts: the epoch's
+        N batches are dealt round-robin, so the i-th batch of rank r is batch r + i * W, and those at N or
+        past it repeat the first ones (ShardStream's remainder policy). The whole epoch is iterated, so the
+        loader's position moves on to the next epoch's first batch, as it would alone."""
+        num_batches, world, rank = self.val_stream.num_global_batches, self.dist.world_size, self.dist.rank
+        for i, batch in enumerate(self._iter_isolated(self.val_loader)):
+            if rank + i * world < num_batches:
+                yield batch
 
     # ------------------------------------------------------------------------------------------------- the loop
 
