@@ -258,3 +258,92 @@ def test_every_rank_validates_its_share_and_the_sums_equal_one_process(tmp_path)
     for key in ("mse", "standardized_mse", "persistence_mse", "mean_mse"):
         assert two[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
     assert two["per_dim_mse"] == pytest.approx(reference["per_dim_mse"], rel=1e-9, abs=1e-12)
+
+
+class _IdsRecorder:
+    """A Trainer subclass factory that records the sequence ids of every step this process trains."""
+
+    @staticmethod
+    def patch(fitrun, seen: list):
+        class RecordingTrainer(fitrun.Trainer):
+            def _train_step(self, group):
+                seen.append(torch.cat([b.ids for b in group]).tolist())
+                return super()._train_step(group)
+
+        fitrun.Trainer = RecordingTrainer
+
+
+def _ids_rank(rank: int, port: int, flags: dict, resume: bool, results) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import streamtrain.train.run as fitrun
+
+    seen: list = []
+    _IdsRecorder.patch(fitrun, seen)
+    code = fitrun.run_fit(flags, resume=resume)
+    results.put((rank, code, seen))
+
+
+def _spawn_ids(flags: dict, resume: bool) -> list:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ids_rank, args=(rank, port, flags, resume, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [code for _, code, _ in got] == [0, 0]
+    return [seen for _, _, seen in got]
+
+
+def _fit_alone(monkeypatch, flags: dict, resume: bool) -> list:
+    import streamtrain.train.run as fitrun
+
+    seen: list = []
+    with monkeypatch.context() as m:
+        m.setattr(fitrun, "Trainer", fitrun.Trainer)  # put back after the recording subclass
+        _IdsRecorder.patch(fitrun, seen)
+        assert fitrun.run_fit(flags, resume=resume) == 0
+    return seen
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_continues_the_epoch_at_the_same_global_batch(tmp_path, monkeypatch):
+    """One process trains 2 steps, two processes resume it for 2 steps (4 batches), one process resumes
+    that to the end of the epoch: every sequence is trained on exactly once over the epoch."""
+    from streamtrain.train.checkpoint import load_checkpoint
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    num_sequences = 48
+    last = tmp_path / "run/checkpoints/last.pt"
+    flags = {"synthetic": f"{num_sequences},24", "d_model": 16, "layers": 1, "heads": 2, "ff": 32,
+             "num_workers": 0, "quiet": True, "batch_tokens": 128, "batch": 4, "device": "cpu",
+             "out": str(tmp_path / "run"), "max_steps": 2, "save_every": 0}
+    first = _fit_alone(monkeypatch, flags, resume=False)
+    state = load_checkpoint(last)["loader"]
+    assert (state["world_size"], state["global_batches_done"]) == (1, 2)
+    num_global = 12  # 48 sequences of 24 vectors, 4 per batch
+
+    second = _spawn_ids({"out": flags["out"], "max_steps": 4, "quiet": True}, resume=True)
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["step"] == 4 and len(checkpoint["rng_by_rank"]) == 2
+    assert (checkpoint["loader"]["world_size"], checkpoint["loader"]["global_batches_done"]) == (2, 6)
+
+    # one process takes one batch per step: the 6 batches left in the epoch are 6 steps
+    third = _fit_alone(monkeypatch, {"out": flags["out"], "max_steps": 4 + num_global - 6}, resume=True)
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["step"] == 10
+    assert (checkpoint["loader"]["epoch"], checkpoint["loader"]["batches_done"]) == (1, 0)
+
+    assert len(first) == 2 and [len(s) for s in second] == [2, 2] and len(third) == num_global - 6
+    ids = [i for step in first + second[0] + second[1] + third for i in step]
+    assert sorted(ids) == list(range(num_sequences))  # exactly once over the epoch
