@@ -1,5 +1,7 @@
 """distributed: the packed per-step control exchange, heartbeats naming a lost rank, validation split over ranks."""
 
+import os
+
 import pytest
 import torch
 
@@ -347,3 +349,60 @@ def test_resume_at_another_world_size_continues_the_epoch_at_the_same_global_bat
     assert len(first) == 2 and [len(s) for s in second] == [2, 2] and len(third) == num_global - 6
     ids = [i for step in first + second[0] + second[1] + third for i in step]
     assert sorted(ids) == list(range(num_sequences))  # exactly once over the epoch
+
+
+def _compiled_rank(rank: int, port: int, flags: dict, results) -> None:
+    """One rank of a 2-process --compile fit: reports how the step's module is wrapped and the digest of
+    the weights it ends with."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import streamtrain.train.run as fitrun
+
+    report = {}
+
+    class ReportingTrainer(fitrun.Trainer):
+        def fit(self):
+            code = super().fit()
+            outer = self.train_model
+            report["wrapping"] = [type(outer).__name__, type(getattr(outer, "_orig_mod", outer)).__name__]
+            report["weights"] = _digest(self.model.parameters())
+            report["step"] = self.step
+            return code
+
+    fitrun.Trainer = ReportingTrainer
+    code = fitrun.run_fit(flags)
+    results.put((rank, code, report))
+
+
+@pytest.mark.slow
+def test_compile_under_two_processes_compiles_the_ddp_module_and_keeps_ranks_in_sync(tmp_path):
+    """--compile with DDP on CPU (gloo), a tiny model, gradient accumulation (DDP's no_sync under the
+    compiled module): the run finishes and both ranks end with the same weights. Costs a cold inductor
+    compilation on each rank (tens of seconds on 2 cores)."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        pytest.skip("torch.compile's inductor backend needs a C++ compiler on CPU, and none is on PATH")
+    flags = {"synthetic": "32,24", "batch": 4, "d_model": 16, "layers": 1, "heads": 2, "ff": 32, "num_workers": 0,
+             "quiet": True, "batch_tokens": 128, "device": "cpu", "out": str(tmp_path / "run"), "max_steps": 3,
+             "grad_accum": 2, "compile": True, "save_every": 0}
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_compiled_rank, args=(rank, port, flags, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (_, code0, report0), (_, code1, report1) = got
+    assert code0 == code1 == 0
+    assert report0["step"] == report1["step"] == 3
+    assert report0["wrapping"] == ["OptimizedModule", "DistributedDataParallel"]  # compile(DDP(model))
+    assert report0["weights"] == report1["weights"]

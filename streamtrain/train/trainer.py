@@ -158,16 +158,18 @@ class Trainer:
         return make_stream_and_loader(self.cfg, root, ids, shuffle, rank, world_size, self.device, max_shapes)
 
     def _wrap_model(self, max_shapes: int | None) -> torch.nn.Module:
-        """The module the step runs: the model, compiled with --compile, wrapped in DDP under torchrun."""
+        """The module the step runs: the model, wrapped in DDP under torchrun, compiled with --compile.
+        Compiling the DDP module, as PyTorch recommends, lets Dynamo split the graph at DDP's gradient
+        buckets, so each bucket's all-reduce starts while the backward of earlier layers still runs."""
         model: torch.nn.Module = self.model
         self._compile_note: str | None = None
-        if self.cfg.train.compile:
-            self._compile_note = prepare_compile(self.train_stream, max_shapes)
-            model = torch.compile(model, dynamic=False)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            self._compile_note = prepare_compile(self.train_stream, max_shapes)
+            model = torch.compile(model, dynamic=False)
         return model
 
     # The schedule's horizon and warmup, as the loop and the checkpoint see them.
