@@ -139,6 +139,12 @@ class TrainConfig:
         "compile the model with torch.compile: one graph per padded length T (the batch size is dynamic), "
         "so batches use at most --max-shapes lengths",
     )
+    fsdp: bool = option(
+        False,
+        "under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of "
+        "replicating them (DDP): for models whose training state does not fit one device; checkpoints stay "
+        "whole, so they load at any world size",
+    )
     log_every: int = option(10, "write a metrics line every N steps", "steps")
     eval_every: int = option(0, "validate every N steps (0: only at the end)", "steps")
     save_every: int = option(500, "write checkpoints/last.pt every N steps (0: only at the end)", "steps")
@@ -185,6 +191,8 @@ class TrainConfig:
             raise UserError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.fsdp and self.compile:
+            raise UserError("--fsdp and --compile together are not supported yet: drop one of them")
         if self.nonfinite not in ("stop", "skip"):
             raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.nonfinite_limit < 1:

@@ -54,6 +54,14 @@ from streamtrain.train.probe import probe_run_precision
 from streamtrain.train.schedule import HORIZON_PROBE_STEPS, Schedule
 from streamtrain.train.session import SIGNAL_EXIT, FitTelemetry, StopSignals
 from streamtrain.train.shapes import plan_shape_tokens, plan_shapes, prepare_compile
+from streamtrain.train.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_tensor,
+    shard_model,
+)
 from streamtrain.train.step import StepRunner
 
 __all__ = [
@@ -98,7 +106,7 @@ class Trainer:
         self.mean, self.std = self.standardize.mean, self.standardize.std
         self.model = CausalTransformer(cfg.model).to(device)
         self.num_params = self.model.num_params()
-        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
+        self.sharded = t.fsdp and self.dist.enabled  # --fsdp: FSDP2 instead of DDP (`sharding`)
 
         max_shapes = cfg.data.max_shapes
         if max_shapes is None and t.compile:
@@ -114,8 +122,11 @@ class Trainer:
             recorded=checkpoint.get("precision") if checkpoint is not None else None,
         )
         self.train_model = self._wrap_model(max_shapes)
+        # after sharding, which replaces the parameters by their shards
+        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.runner = StepRunner(self.model, self.train_model, self.optimizer, self.precision, self.standardize,
-                                 self.dist, device, cfg.optim.clip, t.compile, t.nonfinite == "skip")
+                                 self.dist, device, cfg.optim.clip, t.compile, t.nonfinite == "skip",
+                                 sharded=self.sharded)
 
         # Every rank validates its share of the validation set, see validate().
         self._has_val = data.val_root is not None
@@ -163,7 +174,9 @@ class Trainer:
         buckets, so each bucket's all-reduce starts while the backward of earlier layers still runs."""
         model: torch.nn.Module = self.model
         self._compile_note: str | None = None
-        if self.dist.enabled:
+        if self.sharded:
+            shard_model(self.model, self.device)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -179,8 +192,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- checkpoints
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_full_model_state(self.model, ckpt["model"])
+            load_full_optimizer_state(self.optimizer, ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
@@ -197,10 +214,11 @@ class Trainer:
             if self.dist.rank > 0:  # keep this rank's masks its own, as in the run before
                 torch.manual_seed(rank_seed(self.cfg.train.seed, self.dist.rank, self.step))
 
-    def _checkpoint(self) -> dict:
+    def _checkpoint(self, model_state: dict | None = None, optimizer_state: dict | None = None) -> dict:
+        """The checkpoint dict; `model_state`/`optimizer_state`: the full ones gathered under --fsdp."""
         return {
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state if model_state is not None else unwrap_model(self.model).state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
             "precision": self.precision.record(),
             "scheduler": self.schedule.state_dict(),
@@ -218,12 +236,15 @@ class Trainer:
     def _save(self, name: str) -> None:
         # The loss of a step is computed before its update, so check the weights themselves: a checkpoint
         # must never hold NaN/Inf weights.
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
-        self._check_finite(float(torch.stack(norms).sum()), "the weights' norm")
+        norms = torch.stack(torch._foreach_norm([local_tensor(p.detach()) for p in self.model.parameters()])).sum()
+        if self.sharded:  # each rank holds a shard: agree on the whole
+            norms = all_reduce_sum(self.dist, norms.reshape(1).to(torch.float64))
+        self._check_finite(float(norms.sum()), "the weights' norm")
         # every rank's generators, so that each continues its own dropout stream on resume
         rng_by_rank = all_gather_objects(self.dist, capture_rng_state()) if self.dist.enabled else None
+        full = (full_model_state(self.model), full_optimizer_state(self.optimizer)) if self.sharded else (None, None)
         if self.dist.is_main:
-            checkpoint = self._checkpoint()
+            checkpoint = self._checkpoint(*full)
             if rng_by_rank is not None:
                 checkpoint["rng_by_rank"] = rng_by_rank
             save_checkpoint(self.ckpt_dir / name, checkpoint)
@@ -267,21 +288,27 @@ class Trainer:
         one process over the whole set (every sequence exactly once) and no rank waits for another."""
         sums = EvalSums(self.cfg.model.dim, self.device)
         if self.val_loader is not None:
-            accumulate_eval(self.model, self._own_val_batches(), sums, self.mean, self.std,
+            repeats: list = []
+            accumulate_eval(self.model, self._own_val_batches(repeats), sums, self.mean, self.std,
                             self.data.val_index.mean, self.device, self.precision.autocast)
+            if self.sharded and repeats:  # FSDP gathers parameters in every forward: every rank runs as many
+                accumulate_eval(self.model, repeats, EvalSums(self.cfg.model.dim, self.device), self.mean,
+                                self.std, self.data.val_index.mean, self.device, self.precision.autocast)
         if self.dist.enabled:
             sums.load_tensor(all_reduce_sum(self.dist, sums.as_tensor()))
         return eval_summary(sums)
 
-    def _own_val_batches(self) -> Iterator:
+    def _own_val_batches(self, repeats: list) -> Iterator:
         """This rank's validation batches without the repeat that evens out the ranks' counts: the epoch's
         N batches are dealt round-robin, so the i-th batch of rank r is batch r + i * W, and those at N or
-        past it repeat the first ones (ShardStream's remainder policy). The whole epoch is iterated, so the
-        loader's position moves on to the next epoch's first batch, as it would alone."""
+        past it repeat the first ones (ShardStream's remainder policy); those go to `repeats`. The whole epoch
+        is iterated, so the loader's position moves on to the next epoch's first batch, as it would alone."""
         num_batches, world, rank = self.val_stream.num_global_batches, self.dist.world_size, self.dist.rank
         for i, batch in enumerate(self._iter_isolated(self.val_loader)):
             if rank + i * world < num_batches:
                 yield batch
+            else:
+                repeats.append(batch)
 
     # ------------------------------------------------------------------------------------------------- the loop
 
