@@ -191,10 +191,10 @@ def _validate_rank(rank: int, port: int, flags: dict, results) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import streamtrain.train.run as fitrun
-    import streamtrain.train.trainer as trainer_module
+    import streamtrain.train.validation as validation_module
 
     evaluated, summaries = [], []
-    accumulate = trainer_module.accumulate_eval
+    accumulate = validation_module.accumulate_eval
 
     def counting_accumulate(*args, **kwargs):
         sums = accumulate(*args, **kwargs)
@@ -206,7 +206,7 @@ def _validate_rank(rank: int, port: int, flags: dict, results) -> None:
             summaries.append(super().validate())
             return summaries[-1]
 
-    trainer_module.accumulate_eval = counting_accumulate  # this process only
+    validation_module.accumulate_eval = counting_accumulate  # this process only
     fitrun.Trainer = RecordingTrainer
     code = fitrun.run_fit(flags)
     results.put((rank, code, evaluated, summaries))

@@ -19,7 +19,6 @@ import torch
 
 from streamtrain.data.batch import Standardizer
 from streamtrain.errors import UserError
-from streamtrain.eval.evaluate import EvalSums, accumulate_eval, eval_summary
 from streamtrain.model.transformer import CausalTransformer
 from streamtrain.telemetry import (
     LiveView,
@@ -63,6 +62,7 @@ from streamtrain.train.sharding import (
     shard_model,
 )
 from streamtrain.train.step import StepRunner
+from streamtrain.train.validation import validate_on_every_rank
 
 __all__ = [
     "Trainer",
@@ -283,32 +283,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- validation
 
     def validate(self) -> dict:
-        """The validation summary, on every rank: each rank evaluates the plain model (no DDP, no compile)
-        over its share of the validation set, and the float64 sums are all-reduced, so the result is that of
-        one process over the whole set (every sequence exactly once) and no rank waits for another."""
-        sums = EvalSums(self.cfg.model.dim, self.device)
-        if self.val_loader is not None:
-            repeats: list = []
-            accumulate_eval(self.model, self._own_val_batches(repeats), sums, self.mean, self.std,
-                            self.data.val_index.mean, self.device, self.precision.autocast)
-            if self.sharded and repeats:  # FSDP gathers parameters in every forward: every rank runs as many
-                accumulate_eval(self.model, repeats, EvalSums(self.cfg.model.dim, self.device), self.mean,
-                                self.std, self.data.val_index.mean, self.device, self.precision.autocast)
-        if self.dist.enabled:
-            sums.load_tensor(all_reduce_sum(self.dist, sums.as_tensor()))
-        return eval_summary(sums)
-
-    def _own_val_batches(self, repeats: list) -> Iterator:
-        """This rank's validation batches without the repeat that evens out the ranks' counts: the epoch's
-        N batches are dealt round-robin, so the i-th batch of rank r is batch r + i * W, and those at N or
-        past it repeat the first ones (ShardStream's remainder policy); those go to `repeats`. The whole epoch
-        is iterated, so the loader's position moves on to the next epoch's first batch, as it would alone."""
-        num_batches, world, rank = self.val_stream.num_global_batches, self.dist.world_size, self.dist.rank
-        for i, batch in enumerate(self._iter_isolated(self.val_loader)):
-            if rank + i * world < num_batches:
-                yield batch
-            else:
-                repeats.append(batch)
+        """The validation summary, on every rank, each evaluating its share (see `validation`)."""
+        batches = self._iter_isolated(self.val_loader) if self.val_loader is not None else None
+        num_batches = self.val_stream.num_global_batches if self.val_stream is not None else 0
+        return validate_on_every_rank(self.model, batches, num_batches, self.dist, self.cfg.model.dim, self.mean,
+                                      self.std, self.data.val_index.mean if self._has_val else None, self.device,
+                                      self.precision.autocast, self.sharded)
 
     # ------------------------------------------------------------------------------------------------- the loop
 
