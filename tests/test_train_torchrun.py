@@ -81,6 +81,13 @@ def test_nproc_under_torchrun_or_below_one_is_a_one_line_error(tmp_path, capsys,
 
     assert main(["fit", "--nproc", "0", "--synthetic", "8,4", "--out", str(tmp_path / "r")]) == 2
     assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+    # flags are checked before any process starts
+    assert main(["fit", "--nproc", "2", "--synthetic", "8,4", "--out", str(tmp_path / "r"), "--lr", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["streamtrain fit: error: --lr must be > 0, got -1.0"]
+    assert main(["fit", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "no training data" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["fit", "--nproc", "2", "--synthetic", "8,4", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

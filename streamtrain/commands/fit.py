@@ -27,8 +27,14 @@ def run(args) -> int:
 
             raise UserError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1:
+            from streamtrain.train.config import flag_values, read_config_file, resolve_config
             from streamtrain.train.launch import launch_local, without_nproc
 
+            # bad flags: one line here, not one per rank and torchrun's report of failed ranks
+            file_values = read_config_file(args.config) if args.config else {}
+            cfg = resolve_config(flag_values(args), file_values)
+            if not args.resume:  # a resumed run takes the rest from its checkpoint
+                cfg.check_complete()
             argv = args.argv[args.argv.index("fit") + 1 :]
             return launch_local(args.nproc, without_nproc(argv))
     from streamtrain.train.config import flag_values
