@@ -3,6 +3,7 @@ naming it; `--max-restarts` resumes from the last checkpoint; `fit --nproc N` la
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,11 +26,24 @@ def _env(**extra) -> dict:
     return env
 
 
+def _run_job(cmd: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
+    """Run `cmd` in a session of its own; past JOB_TIMEOUT_S kill all of it (torchrun and its ranks) and fail."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the job hung past {JOB_TIMEOUT_S} s:\n{out[-2000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(run_dir, *argv, torchrun_args=(), **env) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *torchrun_args,
            "-m", "streamtrain", "fit", *TINY, "--out", str(run_dir), *argv]
     t0 = time.monotonic()
-    done = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    done = _run_job(cmd, _env(**env))
     return done, time.monotonic() - t0
 
 
@@ -98,7 +112,7 @@ def test_nproc_under_torchrun_or_below_one_is_a_one_line_error(tmp_path, capsys,
 def test_fit_nproc_2_trains_in_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "streamtrain", "fit", "--nproc", "2", *TINY, "--out", str(run_dir), "--max-steps", "4"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=tmp_path)
+    done = _run_job(cmd, _env(), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     checkpoint = load_checkpoint(run_dir / "checkpoints/last.pt")
     assert checkpoint["step"] == 4
