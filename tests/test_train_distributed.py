@@ -15,6 +15,28 @@ from streamtrain.train.distributed import (
 )
 
 
+def spawn_two_ranks(target, args: tuple, timeout_s: float = 120) -> list:
+    """Run `target(rank, *args, results)` in 2 spawned processes; their `results.put` values sorted by rank.
+    Processes still alive when this returns or fails (a hung rank) are killed, so a test never hangs."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, *args, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=timeout_s) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        return got
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
 def test_alone_every_collective_is_the_identity():
     info, cpu = DistInfo(), torch.device("cpu")
     assert not info.enabled and info.is_main
@@ -107,18 +129,8 @@ def _fit_rank(rank: int, port: int, flags: dict, resume: bool, results) -> None:
 
 
 def _spawn_fit(flags: dict, resume: bool = False) -> list:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_fit_rank, args=(rank, port, flags, resume, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_two_ranks(_fit_rank, (port, flags, resume), timeout_s=120)
     assert [code for _, code, _, _ in got] == [0, 0]
     return got
 
@@ -216,7 +228,6 @@ def _validate_rank(rank: int, port: int, flags: dict, results) -> None:
 def test_every_rank_validates_its_share_and_the_sums_equal_one_process(tmp_path):
     import dataclasses
 
-    import torch.multiprocessing as mp
     from conftest import write_dataset
     from test_train_trainer import TINY, _sequences
 
@@ -228,16 +239,8 @@ def test_every_rank_validates_its_share_and_the_sums_equal_one_process(tmp_path)
     write_dataset(tmp_path / "data", _sequences(61, max_len=60), shard_bytes=1500)
     flags = {**TINY, "data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "batch_tokens": 96,
              "val_fraction": 0.4, "max_len": 24, "max_steps": 2, "device": "cpu", "save_every": 0}
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_validate_rank, args=(rank, port, flags, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_two_ranks(_validate_rank, (port, flags), timeout_s=120)
     (_, code0, evaluated0, summaries0), (_, code1, evaluated1, summaries1) = got
     assert code0 == code1 == 0
     assert summaries0 == summaries1 and len(summaries0) == 1  # every rank took the same decision
@@ -290,18 +293,8 @@ def _ids_rank(rank: int, port: int, flags: dict, resume: bool, results) -> None:
 
 
 def _spawn_ids(flags: dict, resume: bool) -> list:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_ids_rank, args=(rank, port, flags, resume, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_two_ranks(_ids_rank, (port, flags, resume), timeout_s=120)
     assert [code for _, code, _ in got] == [0, 0]
     return [seen for _, _, seen in got]
 
@@ -384,23 +377,13 @@ def test_compile_under_two_processes_compiles_the_ddp_module_and_keeps_ranks_in_
     compilation on each rank (tens of seconds on 2 cores)."""
     import shutil
 
-    import torch.multiprocessing as mp
-
     if not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         pytest.skip("torch.compile's inductor backend needs a C++ compiler on CPU, and none is on PATH")
     flags = {"synthetic": "32,24", "batch": 4, "d_model": 16, "layers": 1, "heads": 2, "ff": 32, "num_workers": 0,
              "quiet": True, "batch_tokens": 128, "device": "cpu", "out": str(tmp_path / "run"), "max_steps": 3,
              "grad_accum": 2, "compile": True, "save_every": 0}
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_compiled_rank, args=(rank, port, flags, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(results.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_two_ranks(_compiled_rank, (port, flags), timeout_s=300)
     (_, code0, report0), (_, code1, report1) = got
     assert code0 == code1 == 0
     assert report0["step"] == report1["step"] == 3

@@ -36,9 +36,8 @@ def _assert_close_states(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_fsdp_trains_as_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
-    import torch.multiprocessing as mp
     from conftest import write_dataset
-    from test_train_distributed import _free_port
+    from test_train_distributed import _free_port, spawn_two_ranks
     from test_train_trainer import TINY, _sequences
 
     from streamtrain.train.checkpoint import load_checkpoint
@@ -47,17 +46,9 @@ def test_fsdp_trains_as_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
     write_dataset(tmp_path / "data", [s[:24] for s in _sequences(40, max_len=60) if len(s) >= 24][:24])
     common = {**TINY, "data": str(tmp_path / "data"), "batch_tokens": 96, "batch": 4, "lr": 3e-3,
               "decay_steps": 8, "warmup_steps": 1, "device": "cpu", "save_every": 0}
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
     flags = {**common, "out": str(tmp_path / "fsdp"), "max_steps": 3, "fsdp": True}
-    procs = [ctx.Process(target=_fsdp_rank, args=(rank, port, flags, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = spawn_two_ranks(_fsdp_rank, (port, flags))
     assert [code for _, code, _ in got] == [0, 0]
     assert got[0][2]["shard_rows"] == (16, 32)  # sharded, not replicated
 
