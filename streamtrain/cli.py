@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from streamtrain.storage.location import parse_storage_options, redact, set_default_options
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `fit --nproc` passes on to the processes it starts
     try:
         options = parse_storage_options(args.storage_option)
         set_default_options(options)

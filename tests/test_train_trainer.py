@@ -234,7 +234,7 @@ def test_max_len_longer_than_a_batch_names_the_flags(tmp_path, dataset):
 def test_ddp_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, dataset):
     """Rank r of 2 takes the epoch's batches r, r+2, ...; one process with --grad-accum 2 takes them in pairs:
     the same batches per step and a globally normalized loss, so the weights, the logged loss and token
-    counts agree; validation (rank 0, whole set) gives the same MSE; MFU divides by both devices' peak."""
+    counts agree; validation (split over the ranks) gives the same MSE; MFU divides by both devices' peak."""
     import os
     import subprocess
     import sys

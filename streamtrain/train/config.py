@@ -194,9 +194,22 @@ class TrainConfig:
         "compile the model with torch.compile: one graph per padded length T (the batch size is dynamic), "
         "so batches use at most --max-shapes lengths",
     )
+    fsdp: bool = option(
+        False,
+        "under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of "
+        "replicating them (DDP): for models whose training state does not fit one device; checkpoints stay "
+        "whole, so they load at any world size",
+    )
     log_every: int = option(10, "write a metrics line every N steps", "steps")
     eval_every: int = option(0, "validate every N steps (0: only at the end)", "steps")
     save_every: int = option(500, "write checkpoints/last.pt every N steps (0: only at the end)", "steps")
+    dist_timeout: float = option(
+        120.0,
+        "under torchrun, a collective that waits longer fails the job (NCCL's own default is 600 s); a rank that "
+        "finds another lost exits with one line naming it. Raise it when a checkpoint save or a compilation "
+        "on one rank takes longer",
+        "seconds",
+    )
     peak_tflops: float | None = option(None, "peak of the hardware for MFU (default: measured on CPU, table on GPU)", "TFLOP/s")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "threads")
     quiet: bool = option(False, "print only errors and the final summary")
@@ -237,10 +250,14 @@ class TrainConfig:
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise UserError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise UserError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.fsdp and self.compile:
+            raise UserError("--fsdp and --compile together are not supported yet: drop one of them")
         if self.nonfinite not in ("stop", "skip"):
             raise UserError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.nonfinite_limit < 1:

@@ -2,17 +2,23 @@
 
 Owns what happens around the Trainer: merging defaults, a resumed run's config, the --config file and the
 flags; the run folder (a new run never overwrites an old one, --resume continues it); the checks that a
-resumed run still matches its checkpoint; joining and leaving the process group.
+resumed run still matches its checkpoint; joining and leaving the process group, and turning a failed
+collective into one line naming the lost rank.
+
+Under torchrun a restarted job (TORCHELASTIC_RESTART_COUNT > 0, `torchrun --max-restarts K`) resumes from
+the run folder's checkpoints/last.pt as `--resume` would, or starts anew when the first attempt died before
+its first save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from streamtrain.errors import UserError
 from streamtrain.train.checkpoint import load_checkpoint, remove_temp_files
@@ -25,7 +31,13 @@ from streamtrain.train.config import (
     write_config,
 )
 from streamtrain.train.dataprep import prepare_data
-from streamtrain.train.distributed import setup_distributed
+from streamtrain.train.distributed import (
+    announce_main_ready,
+    close_distributed,
+    rank_lost_error,
+    setup_distributed,
+    wait_for_main,
+)
 from streamtrain.train.trainer import Trainer
 
 __all__ = ["run_fit"]
@@ -40,6 +52,11 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         raise UserError("--out RUN is required (the run folder)")
     run_dir = Path(out)
     last = run_dir / "checkpoints" / "last.pt"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and not resume and last.is_file():
+        resume = True
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"torchrun restart {restart}: resuming from {last}", file=stream or sys.stdout, flush=True)
     checkpoint = None
     if resume:
         if not last.is_file():
@@ -55,18 +72,13 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         require_tensorboard()  # before any work: the one line saying what to install
     cfg = _with_max_shapes(cfg, resumed=checkpoint is not None)
 
-    dist_info, device = setup_distributed(cfg.train.device)
+    dist_info, device = setup_distributed(cfg.train.device, cfg.train.dist_timeout)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
+    done = False
+    trainer = None
     try:
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            remove_temp_files(run_dir / "checkpoints")  # what a crash during a save left
-            data = prepare_data(cfg, run_dir, is_main=True)
-        if dist_info.enabled:
-            dist.barrier()
-            if not dist_info.is_main:
-                data = prepare_data(cfg, run_dir, is_main=False)
+        data = _prepare(cfg, run_dir, dist_info)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
         cfg.model.check_groups()
         if checkpoint is not None:
@@ -74,10 +86,35 @@ def run_fit(flags: dict[str, Any], config_file: str | None = None, resume: bool 
         trainer = Trainer(cfg, data, run_dir, device, dist_info, checkpoint, stream=stream)
         if dist_info.is_main:  # once the Trainer has chosen the precision (--amp may measure it)
             write_config(run_dir / "config.json", cfg, derived={"precision": trainer.precision.record()})
-        return trainer.fit()
+        code = trainer.fit()
+        done = True
+        return code
+    except UserError:
+        raise
+    except Exception:
+        during = f"at step {trainer.step}" if trainer is not None else "before training"
+        lost = rank_lost_error(dist_info, during)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
-        if dist_info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(dist_info, done)
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, dist_info):
+    """The run's data: rank 0 writes (the run folder, synthetic data, a conversion) while the others wait."""
+    if not dist_info.is_main:
+        wait_for_main(dist_info, "data", "preparing the data")
+        return prepare_data(cfg, run_dir, is_main=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(run_dir / "checkpoints")  # what a crash during a save left
+        data = prepare_data(cfg, run_dir, is_main=True)
+    except BaseException:
+        announce_main_ready(dist_info, "data", ok=False)
+        raise
+    announce_main_ready(dist_info, "data", ok=True)
+    return data
 
 
 def _with_max_shapes(cfg: RunConfig, resumed: bool) -> RunConfig:

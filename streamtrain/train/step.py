@@ -18,6 +18,7 @@ from streamtrain.train.checkpoint import unwrap_model
 from streamtrain.train.distributed import DistInfo, all_reduce_sum
 from streamtrain.train.loss import masked_sq_error, next_step_loss
 from streamtrain.train.optim import set_lr
+from streamtrain.train.sharding import full_tensor
 
 __all__ = ["StepOutcome", "StepRunner", "micro_batch_loss"]
 
@@ -53,11 +54,11 @@ class StepRunner:
     """Runs optimizer steps of `model` (`train_model`: the same module, compiled and/or DDP-wrapped)."""
 
     def __init__(self, model, train_model, optimizer, precision, standardize: Standardizer, dist: DistInfo,
-                 device: torch.device, clip: float, compiled: bool, skip_nonfinite: bool):
+                 device: torch.device, clip: float, compiled: bool, skip_nonfinite: bool, sharded: bool = False):
         self.model, self.train_model, self.optimizer, self.precision = model, train_model, optimizer, precision
         self.standardize, self.dist, self.device = standardize, dist, device
         self.clip = clip if clip > 0 else float("inf")
-        self.compiled, self.skip_nonfinite = compiled, skip_nonfinite
+        self.compiled, self.skip_nonfinite, self.sharded = compiled, skip_nonfinite, sharded
 
     def accumulate_gradients(self, group: list, target_count: int) -> torch.Tensor:
         """Forward + backward of every micro-batch of `group`, normalized by the step's `target_count` over
@@ -67,7 +68,11 @@ class StepRunner:
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
             last = i == len(group) - 1
-            sync = self.train_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if self.sharded:  # FSDP2 reduce-scatters the gradients of the last micro-batch only
+                self.train_model.set_requires_gradient_sync(last)
+            elif self.dist.enabled and not last:
+                sync = self.train_model.no_sync()
             with sync:
                 loss = micro_batch_loss(self.train_model, batch, self.standardize, self.device, scale,
                                         self.precision.autocast, self.compiled)
@@ -82,7 +87,8 @@ class StepRunner:
         loss = self.accumulate_gradients(group, target_count)
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+        # under --fsdp the norm of sharded gradients is itself sharded: the whole is one all-reduce
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True))
         finite = None
         if self.skip_nonfinite:
             finite = self._is_finite(loss, grad_norm, scaler.is_enabled())

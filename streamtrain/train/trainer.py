@@ -19,7 +19,6 @@ import torch
 
 from streamtrain.data.batch import Standardizer
 from streamtrain.errors import UserError
-from streamtrain.eval.evaluate import EvalSums, accumulate_eval, eval_summary
 from streamtrain.model.transformer import CausalTransformer
 from streamtrain.telemetry import (
     LiveView,
@@ -43,11 +42,12 @@ from streamtrain.train.distributed import (
     StepControl,
     all_gather_objects,
     all_reduce_max,
-    broadcast_from_main,
+    all_reduce_sum,
     exchange_step_control,
     rank_seed,
 )
 from streamtrain.train.ema import WeightEMA
+from streamtrain.train.faults import kill_rank_if_asked
 from streamtrain.train.feed import isolated, step_groups
 from streamtrain.train.loss import loss_terms, masked_sq_error, valid_target_count
 from streamtrain.train.optim import build_optimizer
@@ -56,7 +56,16 @@ from streamtrain.train.probe import probe_run_precision
 from streamtrain.train.schedule import HORIZON_PROBE_STEPS, Schedule
 from streamtrain.train.session import SIGNAL_EXIT, FitTelemetry, StopSignals
 from streamtrain.train.shapes import plan_shape_tokens, plan_shapes, prepare_compile
+from streamtrain.train.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_tensor,
+    shard_model,
+)
 from streamtrain.train.step import StepRunner
+from streamtrain.train.validation import validate_on_every_rank
 
 __all__ = [
     "Trainer",
@@ -100,7 +109,7 @@ class Trainer:
         self.mean, self.std = self.standardize.mean, self.standardize.std
         self.model = CausalTransformer(cfg.model).to(device)
         self.num_params = self.model.num_params()
-        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
+        self.sharded = t.fsdp and self.dist.enabled  # --fsdp: FSDP2 instead of DDP (`sharding`)
 
         max_shapes = cfg.data.max_shapes
         if max_shapes is None and t.compile:
@@ -116,14 +125,18 @@ class Trainer:
             recorded=checkpoint.get("precision") if checkpoint is not None else None,
         )
         self.train_model = self._wrap_model(max_shapes)
+        # after sharding, which replaces the parameters by their shards
+        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.runner = StepRunner(self.model, self.train_model, self.optimizer, self.precision, self.standardize,
-                                 self.dist, device, cfg.optim.clip, t.compile, t.nonfinite == "skip")
+                                 self.dist, device, cfg.optim.clip, t.compile, t.nonfinite == "skip",
+                                 sharded=self.sharded)
 
-        # Validation runs on rank 0 alone over the whole set (every sequence exactly once), see validate().
+        # Every rank validates its share of the validation set, see validate().
         self._has_val = data.val_root is not None
-        self.val_loader = None
-        if self._has_val and self.dist.is_main:
-            _, self.val_loader = self._make_loader(data.val_root, data.val_ids, shuffle=False, rank=0, world_size=1)
+        self.val_stream = self.val_loader = None
+        if self._has_val:
+            self.val_stream, self.val_loader = self._make_loader(
+                data.val_root, data.val_ids, shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
 
         self.steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
         if self.steps_per_epoch == 0:
@@ -161,16 +174,20 @@ class Trainer:
         return make_stream_and_loader(self.cfg, root, ids, shuffle, rank, world_size, self.device, max_shapes)
 
     def _wrap_model(self, max_shapes: int | None) -> torch.nn.Module:
-        """The module the step runs: the model, compiled with --compile, wrapped in DDP under torchrun."""
+        """The module the step runs: the model, wrapped in DDP under torchrun, compiled with --compile.
+        Compiling the DDP module, as PyTorch recommends, lets Dynamo split the graph at DDP's gradient
+        buckets, so each bucket's all-reduce starts while the backward of earlier layers still runs."""
         model: torch.nn.Module = self.model
         self._compile_note: str | None = None
-        if self.cfg.train.compile:
-            self._compile_note = prepare_compile(self.train_stream, max_shapes)
-            model = torch.compile(model, dynamic=False)
-        if self.dist.enabled:
+        if self.sharded:
+            shard_model(self.model, self.device)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            self._compile_note = prepare_compile(self.train_stream, max_shapes)
+            model = torch.compile(model, dynamic=False)
         return model
 
     # The schedule's horizon and warmup, as the loop and the checkpoint see them.
@@ -180,8 +197,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- checkpoints
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_full_model_state(self.model, ckpt["model"])
+            load_full_optimizer_state(self.optimizer, ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
@@ -201,10 +222,11 @@ class Trainer:
             if self.dist.rank > 0:  # keep this rank's masks its own, as in the run before
                 torch.manual_seed(rank_seed(self.cfg.train.seed, self.dist.rank, self.step))
 
-    def _checkpoint(self) -> dict:
+    def _checkpoint(self, model_state: dict | None = None, optimizer_state: dict | None = None) -> dict:
+        """The checkpoint dict; `model_state`/`optimizer_state`: the full ones gathered under --fsdp."""
         return {
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state if model_state is not None else unwrap_model(self.model).state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
             "precision": self.precision.record(),
             "scheduler": self.schedule.state_dict(),
@@ -224,12 +246,15 @@ class Trainer:
     def _save(self, name: str) -> None:
         # The loss of a step is computed before its update, so check the weights themselves: a checkpoint
         # must never hold NaN/Inf weights.
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
-        self._check_finite(float(torch.stack(norms).sum()), "the weights' norm")
+        norms = torch.stack(torch._foreach_norm([local_tensor(p.detach()) for p in self.model.parameters()])).sum()
+        if self.sharded:  # each rank holds a shard: agree on the whole
+            norms = all_reduce_sum(self.dist, norms.reshape(1).to(torch.float64))
+        self._check_finite(float(norms.sum()), "the weights' norm")
         # every rank's generators, so that each continues its own dropout stream on resume
         rng_by_rank = all_gather_objects(self.dist, capture_rng_state()) if self.dist.enabled else None
+        full = (full_model_state(self.model), full_optimizer_state(self.optimizer)) if self.sharded else (None, None)
         if self.dist.is_main:
-            checkpoint = self._checkpoint()
+            checkpoint = self._checkpoint(*full)
             if rng_by_rank is not None:
                 checkpoint["rng_by_rank"] = rng_by_rank
             save_checkpoint(self.ckpt_dir / name, checkpoint)
@@ -271,16 +296,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- validation
 
     def validate(self, model: torch.nn.Module | None = None) -> dict:
-        """The validation summary of `model` (default: the model trained), on every rank. Rank 0 evaluates
-        the plain model (no DDP, no compile) over the whole validation set, every sequence exactly once; the
-        other ranks wait for its sums, so all ranks stay in lockstep and take the same best-checkpoint decision."""
-        sums = EvalSums(self.cfg.model.dim, self.device)
-        if self.val_loader is not None:
-            accumulate_eval(self.model if model is None else model, self._iter_isolated(self.val_loader), sums, self.mean, self.std,
-                            self.data.val_index.mean, self.device, self.precision.autocast)
-        if self.dist.enabled:
-            sums.load_tensor(broadcast_from_main(self.dist, sums.as_tensor()))
-        return eval_summary(sums)
+        """The validation summary of `model` (default: the model trained), on every rank, each evaluating its
+        share (see `validation`)."""
+        batches = self._iter_isolated(self.val_loader) if self.val_loader is not None else None
+        num_batches = self.val_stream.num_global_batches() if self.val_stream is not None else 0
+        return validate_on_every_rank(self.model if model is None else model, batches, num_batches, self.dist,
+                                      self.cfg.model.dim, self.mean, self.std,
+                                      self.data.val_index.mean if self._has_val else None, self.device,
+                                      self.precision.autocast, self.sharded and model is None)
 
     # ------------------------------------------------------------------------------------------------- the loop
 
@@ -303,6 +326,7 @@ class Trainer:
                 self.epoch = epoch
                 loss, grad_norm, finite = self._train_step(group)
                 self.step += 1
+                kill_rank_if_asked(self.step, self.dist.rank)
                 self._count_nonfinite(finite)
                 if self.ema is not None and finite is not False:
                     self.ema.update(self.model)
