@@ -252,7 +252,7 @@ def test_every_rank_validates_its_share_and_the_sums_equal_one_process(tmp_path)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=data.index.dim))
     alone = Trainer(cfg, data, tmp_path / "alone", torch.device("cpu"),
                     checkpoint=load_checkpoint(tmp_path / "run/checkpoints/last.pt"))
-    assert alone.val_stream.num_global_batches % 2 == 1  # so one rank's count is evened out by a repeat
+    assert alone.val_stream.num_global_batches() % 2 == 1  # so one rank's count is evened out by a repeat
     reference = alone.validate()
     assert reference["num_sequences"] == len(data.val_ids)
     # together every sequence (and window) once
