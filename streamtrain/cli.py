@@ -22,6 +22,7 @@ _COMMANDS = {
     "inspect": ("inspect", "show a dataset's counts, shards, length distribution and statistics"),
     "fit": ("fit", "train a causal Transformer on a dataset (or raw JSON/JSONL folder, or synthetic data)"),
     "eval": ("eval", "evaluate a checkpoint on a dataset against persistence and mean predictors"),
+    "bench": ("bench", "measure convert, loader and train throughput beside their peers and bounds on this machine"),
 }
 
 
