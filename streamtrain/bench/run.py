@@ -112,6 +112,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
     device = _device(opts.device)
     started = time.perf_counter()
     result: dict = {"benchmark": "bench", "quick": opts.quick, "stages": list(opts.stages)}
+    stage_s: dict[str, float] = {}  # wall time of each stage, what --quick's budget is spent on
     saved_cache = os.environ.get("STREAMTRAIN_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="streamtrain-bench-") as tmp:
         work = Path(tmp)
@@ -137,8 +138,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
 
                     workers = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
                     log(f"convert: {workers} workers vs the stdlib json reader")
+                    t0 = time.perf_counter()
                     figures, dataset = measure_convert(corpus, work, workers, effort.convert_repeats)
                     result.update(figures)
+                    stage_s["convert"] = time.perf_counter() - t0
                 else:
                     from streamtrain.convert import convert
 
@@ -151,21 +154,26 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
                 from streamtrain.bench.loader_bench import measure_loader
 
                 log("loader: ShardStream vs seed-style, HF datasets, memcpy")
+                t0 = time.perf_counter()
                 result.update(measure_loader(dataset, work, max_tokens=opts.max_tokens, repeats=effort.loader_repeats,
                                              peer_sequences=effort.peer_sequences, memcpy_bytes=effort.memcpy_bytes))
+                stage_s["loader"] = time.perf_counter() - t0
             if "train" in opts.stages:
                 from streamtrain.bench.train_bench import ModelShape, measure_train
 
                 log(f"train: fit vs the seed pipeline{' and the ablation' if opts.ablation else ''} on {device}")
+                t0 = time.perf_counter()
                 result.update(measure_train(dataset, work, shape=ModelShape.parse(opts.model),
                                             batch_tokens=opts.batch_tokens, device=device,
                                             rounds=effort.train_rounds, budget_s=effort.train_budget_s,
                                             peak_budget_s=effort.peak_budget_s, ablation=opts.ablation))
+                stage_s["train"] = time.perf_counter() - t0
         finally:
             if saved_cache is None:
                 os.environ.pop("STREAMTRAIN_CACHE_DIR", None)
             else:
                 os.environ["STREAMTRAIN_CACHE_DIR"] = saved_cache
+    result["stage_s"] = {k: round(v, 2) for k, v in stage_s.items()}
     result["machine"] = machine_info(device)
     result["commit"] = result["machine"]["commit"]
     result["wall_s"] = round(time.perf_counter() - started, 1)
