@@ -51,7 +51,7 @@ def write_synthetic_json(folder: Path, total_mb: float, dim: int = 28, seed: int
             sub = folder / f"single-{file_no:04d}"
             sub.mkdir()
             size, k = 0, 0
-            while size < file_bytes:
+            while size < file_bytes and k < 200:
                 text = record()
                 (sub / f"rec-{k:04d}.json").write_text(text)
                 size, k = size + len(text), k + 1

@@ -34,7 +34,7 @@ from streamtrain.model.transformer import CausalTransformer, sinusoidal_position
 from streamtrain.telemetry import measure_matmul_peak_tflops
 from streamtrain.train.loss import masked_sq_error, valid_target_count
 
-__all__ = ["ModelShape", "SeedModel", "Variant", "VARIANTS", "AblationPipeline", "FitPipeline", "measure_train"]
+__all__ = ["ModelShape", "SeedModel", "Variant", "VARIANTS", "AblationPipeline", "FitPipeline", "load_sequences", "measure_train"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ VARIANTS = (
 )
 
 
-def _load_sequences(root: Path, max_len: int) -> list[torch.Tensor]:
+def load_sequences(root: Path, max_len: int) -> list[torch.Tensor]:
     """Every sequence of the dataset as a tensor (the seed holds the corpus in memory), cut at `max_len`."""
     index = read_index(root)
     sequences = []
@@ -223,7 +223,7 @@ def _timed_steps(pipeline, budget_s: float, device: torch.device) -> tuple[int, 
 def measure_train(root: Path, work: Path, *, shape: ModelShape, batch_tokens: int, device: torch.device,
                   rounds: int, budget_s: float, warmup_steps: int = 2, peak_budget_s: float = 0.2,
                   ablation: bool = True) -> dict:
-    sequences = _load_sequences(root, batch_tokens)
+    sequences = load_sequences(root, batch_tokens)
     variants = VARIANTS if ablation else VARIANTS[:1]
     pipelines = {v.name: AblationPipeline(v, root, sequences, shape, batch_tokens, device) for v in variants}
     fit = FitPipeline(root, work / "fit-run", shape, batch_tokens, device)
