@@ -107,3 +107,31 @@ def test_non_finite_figures_become_null():
 
 def test_cpu_model_reads_cpuinfo():
     assert cpu_model("processor\t: 0\nmodel name\t: Example CPU 9000\n") == "Example CPU 9000"
+
+
+def test_readme_table_replaces_only_the_marker_block():
+    from streamtrain.bench.report import README_BEGIN, README_END, render_readme
+
+    run = {"benchmark": "bench", "quick": False, "corpus": "synthetic", "convert_workers": 2,
+           "convert_mb_per_s": 123.4, "stdlib_convert_mb_per_s": 20.0, "convert_vs_stdlib": 6.17,
+           "machine": {"time": "T", "commit": "0123456789abcdef", "cpu": "Example CPU", "cores": 2}}
+    readme = f"# title\nbefore\n{README_BEGIN}\nold table 99x\n{README_END}\nafter\n"
+    out = render_readme(readme, run)
+    assert out.startswith(f"# title\nbefore\n{README_BEGIN}\n") and out.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in out
+    assert "123.4 MB/s" in out and "20.0 MB/s" in out and "6.17x" in out and "0123456789" in out
+    assert render_readme(out, run) == out  # idempotent
+    with pytest.raises(ValueError, match="block to fill"):
+        render_readme("# no block\n", run)
+
+
+def test_history_plot_draws_new_and_legacy_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from streamtrain.bench.history import plot_history
+
+    history = [{"commit": "a" * 40, "train": {"fit_real_tokens_per_s": 17000.0, "speedup": 12.5}},
+               {"benchmark": "bench", "commit": "b" * 40, "train_real_tokens_per_s": 9000.0, "train_vs_seed": 7.0}]
+    out = tmp_path / "history.png"
+    assert plot_history(history, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_history([], tmp_path / "empty.png") and not (tmp_path / "empty.png").exists()

@@ -3,7 +3,7 @@ on the terminal and as Markdown for the README (benchmarks/readme_table.py)."""
 
 from __future__ import annotations
 
-__all__ = ["summary_rows", "ablation_rows", "print_tables", "markdown_tables"]
+__all__ = ["summary_rows", "ablation_rows", "print_tables", "markdown_tables", "README_BEGIN", "README_END", "render_readme"]
 
 
 def _rate(value, unit: str) -> str:
@@ -89,3 +89,15 @@ def markdown_tables(r: dict) -> str:
                   "| pipeline | what changes | real tokens/s | × seed |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- bench-table:begin (written by benchmarks/readme_table.py from benchmarks/history.jsonl; do not edit) -->"
+README_END = "<!-- bench-table:end -->"
+
+
+def render_readme(readme: str, run: dict) -> str:
+    """`readme` with the text between the two marker lines replaced by `run`'s tables."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README has no '{README_BEGIN}' ... '{README_END}' block to fill")
+    return readme[: begin + len(README_BEGIN)] + "\n" + markdown_tables(run) + readme[end:]
