@@ -29,12 +29,13 @@ class Effort:
     train_budget_s: float
     peak_budget_s: float
     peer_sequences: int
+    warmup_steps: int
 
 
 FULL = Effort(convert_repeats=3, loader_repeats=3, memcpy_bytes=256 << 20, train_rounds=5, train_budget_s=3.0,
-              peak_budget_s=0.2, peer_sequences=4000)
-QUICK = Effort(convert_repeats=1, loader_repeats=1, memcpy_bytes=64 << 20, train_rounds=2, train_budget_s=0.4,
-               peak_budget_s=0.05, peer_sequences=1000)
+              peak_budget_s=0.2, peer_sequences=4000, warmup_steps=3)
+QUICK = Effort(convert_repeats=1, loader_repeats=1, memcpy_bytes=64 << 20, train_rounds=2, train_budget_s=0.3,
+               peak_budget_s=0.05, peer_sequences=1000, warmup_steps=1)
 
 
 @dataclass
@@ -166,7 +167,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
                 result.update(measure_train(dataset, work, shape=ModelShape.parse(opts.model),
                                             batch_tokens=opts.batch_tokens, device=device,
                                             rounds=effort.train_rounds, budget_s=effort.train_budget_s,
-                                            peak_budget_s=effort.peak_budget_s, ablation=opts.ablation))
+                                            peak_budget_s=effort.peak_budget_s, warmup_steps=effort.warmup_steps,
+                                            ablation=opts.ablation))
                 stage_s["train"] = time.perf_counter() - t0
         finally:
             if saved_cache is None:
