@@ -15,11 +15,11 @@ from streamtrain.errors import UserError
 REQUIRED = [
     "convert_mb_per_s", "stdlib_convert_mb_per_s", "convert_vs_stdlib",
     "loader_real_tokens_per_s", "seed_loader_real_tokens_per_s", "hf_loader_real_tokens_per_s",
-    "memcpy_loader_real_tokens_per_s", "loader_vs_seed", "loader_vs_memcpy",
+    "memcpy_loader_real_tokens_per_s", "loader_epoch_real_tokens_per_s", "loader_vs_seed", "loader_vs_memcpy",
     "train_real_tokens_per_s", "seed_train_real_tokens_per_s", "train_vs_seed", "mfu",
     "fp32_matmul_peak_tflops", "bf16_matmul_peak_tflops", "ablation", "machine",
 ]
-POSITIVE = ["convert_mb_per_s", "stdlib_convert_mb_per_s", "loader_real_tokens_per_s", "seed_loader_real_tokens_per_s",
+POSITIVE = ["convert_mb_per_s", "stdlib_convert_mb_per_s", "loader_real_tokens_per_s", "loader_epoch_real_tokens_per_s", "seed_loader_real_tokens_per_s",
             "memcpy_loader_real_tokens_per_s", "train_real_tokens_per_s", "seed_train_real_tokens_per_s",
             "fp32_matmul_peak_tflops", "bf16_matmul_peak_tflops"]
 
