@@ -135,3 +135,9 @@ def test_history_plot_draws_new_and_legacy_runs(tmp_path):
     assert plot_history(history, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_history([], tmp_path / "empty.png") and not (tmp_path / "empty.png").exists()
+
+
+def test_bad_model_is_refused_before_any_stage_runs(tmp_path, capsys):
+    assert main(["bench", "--model", "128x4", "--size-mb", "0.1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "bench: corpus" not in err

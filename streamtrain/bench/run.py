@@ -62,6 +62,10 @@ class BenchOptions:
             raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.batch_tokens < 2:
             raise UserError(f"--batch-tokens must be >= 2, got {self.batch_tokens}")
+        if "train" in self.stages:  # before any stage runs, not minutes later
+            from streamtrain.bench.train_bench import ModelShape
+
+            ModelShape.parse(self.model)
 
 
 def finite_or_none(obj):
