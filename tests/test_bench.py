@@ -17,7 +17,7 @@ REQUIRED = [
     "loader_real_tokens_per_s", "seed_loader_real_tokens_per_s", "hf_loader_real_tokens_per_s",
     "memcpy_loader_real_tokens_per_s", "loader_epoch_real_tokens_per_s", "loader_vs_seed", "loader_vs_memcpy",
     "train_real_tokens_per_s", "seed_train_real_tokens_per_s", "train_vs_seed", "mfu",
-    "fp32_matmul_peak_tflops", "bf16_matmul_peak_tflops", "ablation", "machine",
+    "fp32_matmul_peak_tflops", "bf16_matmul_peak_tflops", "ablation", "goals_met", "machine",
 ]
 POSITIVE = ["convert_mb_per_s", "stdlib_convert_mb_per_s", "loader_real_tokens_per_s", "loader_epoch_real_tokens_per_s", "seed_loader_real_tokens_per_s",
             "memcpy_loader_real_tokens_per_s", "train_real_tokens_per_s", "seed_train_real_tokens_per_s",
@@ -141,3 +141,12 @@ def test_bad_model_is_refused_before_any_stage_runs(tmp_path, capsys):
     assert main(["bench", "--model", "128x4", "--size-mb", "0.1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "bench: corpus" not in err
+
+
+def test_goals_are_judged_against_their_thresholds():
+    from streamtrain.bench.report import goals_met
+
+    met = goals_met({"convert_vs_stdlib": 8.0, "loader_vs_memcpy": 0.30, "loader_pad_fraction": 0.06,
+                     "train_vs_seed": 24.9})
+    assert met == {"convert_vs_stdlib": True, "loader_vs_memcpy": False, "train_vs_seed": False, "mfu": None}
+    assert goals_met({"loader_vs_memcpy": 0.25, "loader_pad_fraction": 0.049})["loader_vs_memcpy"] is True

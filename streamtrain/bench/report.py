@@ -3,7 +3,35 @@ on the terminal and as Markdown for the README (benchmarks/readme_table.py)."""
 
 from __future__ import annotations
 
-__all__ = ["summary_rows", "ablation_rows", "print_tables", "markdown_tables", "README_BEGIN", "README_END", "render_readme"]
+__all__ = ["GOALS", "goals_met", "summary_rows", "ablation_rows", "print_tables", "markdown_tables", "README_BEGIN", "README_END", "render_readme"]
+
+
+# The speed the product promises: (key, at least, what), each measured against its peer or bound in one run.
+GOALS = (
+    ("convert_vs_stdlib", 8.0, "convert >= 8x the stdlib json reader"),
+    ("loader_vs_memcpy", 0.25, "loader >= 25% of memcpy"),
+    ("train_vs_seed", 25.0, "fit >= 25x the seed pipeline"),
+    ("mfu", 0.70, "fit MFU >= 70% of the measured matmul peak"),
+)
+
+
+def goals_met(r: dict) -> dict[str, bool | None]:
+    """Per goal of GOALS: met, missed, or None when its stage did not run."""
+    met = {}
+    for key, least, _ in GOALS:
+        value = r.get(key)
+        met[key] = None if value is None else bool(value >= least)
+    if met["loader_vs_memcpy"] is not None and r.get("loader_pad_fraction") is not None:
+        met["loader_vs_memcpy"] = met["loader_vs_memcpy"] and r["loader_pad_fraction"] < 0.05  # and pad < 5%
+    return met
+
+
+def _goal_line(r: dict) -> str:
+    met = goals_met(r)
+    parts = [f"{what}{' (pad < 5%)' if key == 'loader_vs_memcpy' else ''}: "
+             f"{'met' if met[key] else 'not met' if met[key] is not None else 'not measured'}"
+             for key, _, what in GOALS]
+    return "goals: " + "; ".join(parts)
 
 
 def _rate(value, unit: str) -> str:
@@ -71,6 +99,7 @@ def print_tables(r: dict, console=None) -> None:
         for row in rows:
             abl.add_row(*row)
         console.print(abl)
+    console.print(_goal_line(r))
     console.print(f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
                   f"device {m.get('device', '?')}, commit {(m.get('commit') or 'unknown')[:10]}"
                   f"{' (dirty)' if m.get('dirty') else ''}, load {m.get('load_avg_1m', '?')}")
@@ -83,6 +112,7 @@ def markdown_tables(r: dict) -> str:
              f"torch {m.get('torch', '?')}, device {m.get('device', '?')}; corpus {r.get('corpus', '?')}.", "",
              "| benchmark | streamtrain | peer / bound, same run | ratio |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(r)]
+    lines += ["", _goal_line(r) + "."]
     rows = ablation_rows(r)
     if rows:
         lines += ["", "Train ablation (each effect alone, same run):", "",

@@ -179,6 +179,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda _: None) -
                 os.environ.pop("STREAMTRAIN_CACHE_DIR", None)
             else:
                 os.environ["STREAMTRAIN_CACHE_DIR"] = saved_cache
+    from streamtrain.bench.report import goals_met
+
+    result["goals_met"] = goals_met(result)
     result["stage_s"] = {k: round(v, 2) for k, v in stage_s.items()}
     result["machine"] = machine_info(device)
     result["commit"] = result["machine"]["commit"]
