@@ -25,73 +25,26 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from corpus import asm_corpus  # benchmarks/corpus.py
 
+from streamtrain.bench.convert_bench import STDLIB_READER, run_timed
+from streamtrain.bench.corpus import json_bytes, write_synthetic_json
+
 DIM = 28
-STDLIB_READER = r"""
-import json, os, sys
-import numpy as np
-
-def sequence(value):
-    return value["sequence"] if isinstance(value, dict) else value
-
-out = []
-for root, _, files in os.walk(sys.argv[1]):
-    for name in sorted(files):
-        path = os.path.join(root, name)
-        if name.endswith(".jsonl"):
-            with open(path) as f:
-                for line in f:
-                    if line.strip():
-                        out.append(np.array(sequence(json.loads(line)), dtype=np.float32))
-        elif name.endswith(".json"):
-            with open(path) as f:
-                out.append(np.array(sequence(json.load(f)), dtype=np.float32))
-print(len(out), sum(len(a) for a in out))
-"""
 # "(123.4 MB/s, 2 workers" in convert's summary line.
 _CONVERT_RATE = re.compile(r"\(([0-9,.]+) MB/s, \d+ workers")
 
 
 def make_corpus(folder: Path, total_mb: float, seed: int = 0) -> None:
     """The synthetic corpus (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    # A pool of vector texts; records sample rows from it (generation speed, not realism, is the limit here).
-    ints = rng.integers(0, 2, size=(8192, DIM - 6))
-    floats = rng.random((8192, 6)) * 10.0 ** rng.integers(-3, 3, size=(8192, 6))
-    pool = ["[" + ", ".join([*map(str, i), *(f"{x:.6g}" for x in f)]) + "]" for i, f in zip(ints, floats)]
-    sigma = np.log(1000 / 30) / 2.326  # p99 / median of a lognormal = exp(2.326 sigma)
-    folder.mkdir(parents=True, exist_ok=True)
-    total, file_no = 0, 0
-    while total < total_mb * 1e6:
-        if file_no % 4 == 3:  # a folder of single-record .json files
-            sub = folder / f"single-{file_no:04d}"
-            sub.mkdir()
-            for k in range(200):
-                n = int(np.clip(rng.lognormal(np.log(30), sigma), 2, 20000))
-                text = "[" + ", ".join(pool[i] for i in rng.integers(0, len(pool), n)) + "]"
-                (sub / f"rec-{k:04d}.json").write_text(text)
-                total += len(text)
-        else:
-            lines = []
-            size = 0
-            while size < 4e6:
-                n = int(np.clip(rng.lognormal(np.log(30), sigma), 2, 20000))
-                lines.append("[" + ", ".join(pool[i] for i in rng.integers(0, len(pool), n)) + "]")
-                size += len(lines[-1]) + 1
-            (folder / f"part-{file_no:04d}.jsonl").write_text("\n".join(lines) + "\n")
-            total += size
-        file_no += 1
+    write_synthetic_json(folder, total_mb, DIM, seed)
 
 
 def asm_available() -> bool:
@@ -105,10 +58,6 @@ def make_asm_corpus(folder: Path, total_mb: float, seed: int = 0) -> Path:
     print(f"asm corpus: {totals['bytes'] / 1e6:.1f} MB, {totals['files']} files, {totals['functions']} functions "
           f"from {totals['binaries']} binaries", file=sys.stderr)
     return folder / "train"  # split 0: every record is in train/ (beside it only the hidden .manifest.json)
-
-
-def corpus_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".json", ".jsonl"))
 
 
 def idle_share(seconds: float = 1.0) -> float | None:
@@ -127,22 +76,6 @@ def idle_share(seconds: float = 1.0) -> float | None:
     return (delta[3] + delta[4]) / max(sum(delta), 1)  # idle + iowait
 
 
-def _children_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def _timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, CPU seconds of the process tree, stdout."""
-    cpu0 = _children_cpu_s()
-    t0 = time.perf_counter()
-    # stderr is a pipe too, so convert draws no progress bar.
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"bench_convert: {' '.join(cmd[:4])} ... failed (exit {done.returncode}): {done.stderr.strip()}")
-    return time.perf_counter() - t0, _children_cpu_s() - cpu0, done.stdout
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kind = ap.add_mutually_exclusive_group()
@@ -159,12 +92,12 @@ def main() -> None:
     try:
         root = args.corpus or tmp / "corpus"
         corpus = root / "train" if use_asm else root
-        if not corpus.exists() or corpus_bytes(corpus) == 0:
+        if not corpus.exists() or json_bytes(corpus) == 0:
             if use_asm:
                 corpus = make_asm_corpus(root, args.mb, args.seed)
             else:
                 make_corpus(corpus, args.mb, args.seed)
-        mb = corpus_bytes(corpus) / 1e6
+        mb = json_bytes(corpus) / 1e6
         num_files = sum(1 for p in corpus.rglob("*") if p.suffix in (".json", ".jsonl"))
         # Warm the page cache so every contender reads from memory.
         for p in corpus.rglob("*.json*"):
@@ -183,7 +116,7 @@ def main() -> None:
                     out = tmp / f"out-{name}-{r}"
                     cmd = [sys.executable, "-m", "streamtrain", "convert", str(corpus), "--out", str(out),
                            "--workers", name[-2]]
-                w, c, stdout = _timed(cmd)
+                w, c, stdout = run_timed(cmd)
                 wall[name].append(w)
                 cpu[name].append(c)
                 if name != "stdlib":

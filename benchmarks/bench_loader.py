@@ -36,68 +36,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from corpus import KINDS, build_dataset  # benchmarks/corpus.py
 
-from streamtrain.data import ShardStream, checksums, make_loader
+from streamtrain.bench.loader_bench import (
+    export_json,
+    hf_datasets_batches,
+    measure_pipeline,
+    memcpy_tokens_per_s,
+    seed_style_batches,
+    shardstream_batches,
+)
+from streamtrain.data import ShardStream, make_loader
 from streamtrain.data import stream as stream_module
-from streamtrain.data.reader import ShardReader
-from streamtrain.dataset import read_index
-
-
-def memcpy_tokens_per_s(dim: int, buffer_bytes: int = 256 << 20, repeats: int = 5) -> tuple[float, float]:
-    """(bytes/s of read + write traffic, tokens/s) of np.copyto on a buffer far larger than the caches."""
-    src = np.random.default_rng(0).standard_normal(buffer_bytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    traffic_bytes_per_s = 2 * src.nbytes / statistics.median(times)
-    return traffic_bytes_per_s, traffic_bytes_per_s / (2 * dim * 4)
-
-
-def _measure(make_iter, repeats: int) -> dict:
-    """Run `make_iter(r)` to exhaustion `repeats` times. Time to first batch includes whatever the
-    pipeline does before it (loading, conversion, worker start); tokens/s is over the batches after the
-    first, so it is the rate a training loop sees. Medians over the runs."""
-    rates, firsts, pads = [], [], []
-    for r in range(repeats):
-        real = padded = 0
-        t0 = time.perf_counter()
-        first_at = None
-        for x, lengths in make_iter(r):
-            padded += x.shape[0] * x.shape[1]
-            if first_at is None:
-                first_at = time.perf_counter()
-                first_real = int(lengths.sum())
-                real += first_real
-                continue
-            real += int(lengths.sum())
-        end = time.perf_counter()
-        if first_at is None:
-            continue
-        rates.append((real - first_real) / (end - first_at) if end > first_at else float("nan"))
-        firsts.append(first_at - t0)
-        pads.append(1 - real / padded if padded else 0.0)
-    return {
-        "real_tokens_per_s": statistics.median(rates),
-        "pad_fraction": statistics.median(pads),
-        "first_batch_s": statistics.median(firsts),
-        "runs": repeats,
-    }
+from streamtrain.dataset import checksums, read_index
 
 
 def bench_shardstream(root: Path, max_tokens: int, num_workers: int, repeats: int) -> dict:
-    def run(r):
-        ds = ShardStream(root, max_tokens=max_tokens, seed=0)
-        ds.set_epoch(r)
-        for batch in make_loader(ds, num_workers=num_workers, persistent_workers=False):
-            yield batch.x, batch.lengths
-
-    return _measure(run, repeats)
+    return measure_pipeline(shardstream_batches(root, max_tokens, num_workers), repeats)
 
 
 def bench_tensor_handover(root: Path, max_tokens: int, num_workers: int, repeats: int) -> dict:
@@ -112,7 +67,7 @@ def bench_tensor_handover(root: Path, max_tokens: int, num_workers: int, repeats
         for batch in DataLoader(ds, batch_size=None, num_workers=num_workers, prefetch_factor=4):
             yield batch.x, batch.lengths
 
-    return _measure(run, repeats)
+    return measure_pipeline(run, repeats)
 
 
 def bench_block_size(root: Path, max_tokens: int, num_workers: int, block: int, repeats: int) -> dict:
@@ -126,54 +81,17 @@ def bench_block_size(root: Path, max_tokens: int, num_workers: int, block: int, 
         stream.BATCHES_PER_MESSAGE = saved
 
 
-def _export_json(root: Path, ids: np.ndarray, json_path: Path, jsonl_path: Path) -> None:
-    reader = ShardReader(root)
-    seqs = [reader.sequence(int(i)).tolist() for i in ids]
-    json_path.write_text(json.dumps(seqs))
-    with open(jsonl_path, "w") as f:
-        for s in seqs:
-            f.write(json.dumps({"sequence": s}) + "\n")
-
-
 def bench_seed_style(json_path: Path, batch_size: int, repeats: int) -> dict:
-    from torch.nn.utils.rnn import pad_sequence
-
-    def run(r):
-        with open(json_path) as f:
-            tensors = [torch.tensor(s, dtype=torch.float32) for s in json.load(f)]
-        order = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(r))
-        for k in range(0, len(order), batch_size):
-            members = [tensors[i] for i in order[k : k + batch_size].tolist()]
-            x = pad_sequence(members, batch_first=True)
-            yield x, torch.tensor([len(m) for m in members])
-
-    return _measure(run, repeats)
+    return measure_pipeline(seed_style_batches(json_path, batch_size), repeats)
 
 
 def bench_hf_datasets(jsonl_path: Path, batch_size: int, repeats: int, cache_dir: Path) -> dict | None:
-    try:
-        import datasets
-    except ImportError:
+    run = hf_datasets_batches(jsonl_path, batch_size, cache_dir)
+    if run is None:
         return None
-    from torch.utils.data import DataLoader
+    import datasets
 
-    datasets.disable_progress_bars()
-
-    def collate(rows):
-        members = [torch.from_numpy(np.asarray(row["sequence"], dtype=np.float32)) for row in rows]
-        x = torch.nn.utils.rnn.pad_sequence(members, batch_first=True)
-        return x, torch.tensor([len(m) for m in members])
-
-    def run(r):
-        ds = datasets.load_dataset("json", data_files=str(jsonl_path), split="train", cache_dir=str(cache_dir / f"r{r}"))
-        ds = ds.with_format("numpy")
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(r))
-        yield from loader
-
-    result = _measure(run, repeats)
-    result["version"] = datasets.__version__
-    return result
+    return {**measure_pipeline(run, repeats), "version": datasets.__version__}
 
 
 VERIFY_MODES = ("off", "warm", "cold", "naive")
@@ -319,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_ids = np.random.default_rng(0).choice(index.num_sequences, min(args.peer_sequences, index.num_sequences),
                                                    replace=False)
         json_path, jsonl_path = tmp / "peer.json", tmp / "peer.jsonl"
-        _export_json(root, np.sort(peer_ids), json_path, jsonl_path)
+        export_json(root, np.sort(peer_ids), json_path, jsonl_path)
         results["seed_json_pad_sequence"] = bench_seed_style(json_path, args.peer_batch, args.repeats)
         results["hf_datasets"] = bench_hf_datasets(jsonl_path, args.peer_batch, args.repeats, tmp / "hf_cache")
         plan_s = plan_seconds(root, args.max_tokens)

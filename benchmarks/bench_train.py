@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 from corpus import KINDS, build_dataset  # benchmarks/corpus.py
 
-from streamtrain.dataset import load_lengths, open_shard, read_index
-from streamtrain.model.transformer import sinusoidal_positions
+from streamtrain.bench.train_bench import ModelShape, SeedModel, load_sequences
+from streamtrain.dataset import load_lengths, read_index
 from streamtrain.telemetry import measure_matmul_peak_tflops
 from streamtrain.train.checkpoint import unwrap_model
 from streamtrain.train.config import resolve_config
@@ -54,41 +54,16 @@ from streamtrain.train.trainer import Trainer
 D_MODEL, LAYERS, HEADS, FF = 128, 4, 4, 512
 
 
-class SeedModel(nn.Module):
-    """The seed pipeline's model: same widths, PyTorch's stock encoder layers."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.embed = nn.Linear(dim, D_MODEL)
-        layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
-        self.ln_f = nn.LayerNorm(D_MODEL)
-        self.head = nn.Linear(D_MODEL, dim)
-
-    def forward(self, x, pad_mask):
-        T = x.shape[1]
-        h = self.embed(x) + sinusoidal_positions(T, D_MODEL)
-        causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # True: may not attend (same type as the pad mask)
-        h = self.encoder(h, mask=causal, src_key_padding_mask=pad_mask, is_causal=True)
-        return self.head(self.ln_f(h))
-
-
 class SeedPipeline:
     def __init__(self, root: Path, batch_size: int, max_len: int, seed: int):
         index = read_index(root)
-        self.sequences = []
-        for shard in index.shards:
-            for chunk in open_shard(root / shard.file).column("sequence").chunks:
-                offsets = chunk.offsets.to_numpy()
-                values = chunk.values.flatten().to_numpy().reshape(-1, index.dim)
-                for start, end in zip(offsets[:-1], offsets[1:]):
-                    self.sequences.append(torch.from_numpy(values[start : min(end, start + max_len)].copy()))
+        self.sequences = load_sequences(root, max_len)
         self.mean = torch.as_tensor(index.mean, dtype=torch.float32)
         self.std = torch.as_tensor(np.where(index.std > 0, index.std, 1.0), dtype=torch.float32)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        self.model = SeedModel(index.dim)
+        self.model = SeedModel(index.dim, ModelShape(D_MODEL, LAYERS, HEADS, FF))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
     def step(self) -> tuple[int, int]:

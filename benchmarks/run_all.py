@@ -4,8 +4,8 @@
 
 Each benchmark runs in its own process (one at a time: they would otherwise compete for the same cores)
 and prints one JSON line last; this script keeps that line, adds when, which commit and which machine, and
-appends one object per run to history.jsonl. `history.png` shows the headline figure of each benchmark,
-and its ratio to the peer measured in the same run, over time. Ratios are what to compare across runs:
+appends one object per run to history.jsonl. `history.png` shows the headline figure of each benchmark
+on one panel and its ratio to the peer measured in the same run on the other, over time. Ratios are what to compare across runs:
 absolute rates move with the machine and whatever else it is doing.
 """
 
@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from streamtrain.bench.history import plot_history
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HISTORY = HERE / "history.jsonl"
@@ -31,15 +33,6 @@ BENCHMARKS = {
     "loader": ("bench_loader.py", ["--sequences", "8000", "--repeats", "2"]),
     "train": ("bench_train.py", ["--sequences", "4000", "--rounds", "2"]),
 }
-
-# What history.png draws: (benchmark, label, path of the rate, path of the ratio to the peer)
-HEADLINES = [
-    ("convert", "convert MB/s, 2 workers", ("convert_2w_mb_s",), ("speedup_2w",)),
-    ("loader", "loader real tokens/s, 0 workers", ("results", "shardstream_w0", "real_tokens_per_s"),
-     ("ratios", "best_shardstream_vs_seed")),
-    ("train", "fit real tokens/s", ("fit_real_tokens_per_s",), ("speedup",)),
-]
-
 
 def _machine() -> dict:
     cpu = platform.processor()
@@ -79,39 +72,13 @@ def run_one(name: str, quick: bool) -> dict | None:
     return result
 
 
-def _dig(obj: dict, path: tuple[str, ...]):
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
-
-
 def plot(history: list[dict], out: Path = PLOT) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("history.png not drawn: matplotlib is missing (pip install -e '.[plot]')", file=sys.stderr)
-        return False
-    fig, axes = plt.subplots(len(HEADLINES), 2, figsize=(11, 3 * len(HEADLINES)), squeeze=False)
-    for row, (name, label, rate_path, ratio_path) in enumerate(HEADLINES):
-        points = [(i, _dig(h.get(name) or {}, rate_path), _dig(h.get(name) or {}, ratio_path)) for i, h in enumerate(history)]
-        points = [p for p in points if p[1] is not None]
-        ticks = [history[i].get("commit", "")[:7] for i, _, _ in points]
-        for col, (values, title) in enumerate((([p[1] for p in points], label), ([p[2] for p in points], "ratio to the peer, same run"))):
-            ax = axes[row][col]
-            ys = list(values)
-            ax.plot(range(len(ys)), ys, marker="o")
-            ax.set_title(f"{name}: {title}", fontsize=10)
-            ax.set_xticks(range(len(ys)), ticks, rotation=45, fontsize=7)
-            ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return True
+    """history.png: every figure on one panel, every ratio to a peer on the other (`streamtrain bench` runs
+    and this script's alike)."""
+    if plot_history(history, out):
+        return True
+    print("history.png not drawn: matplotlib is missing (pip install -e '.[plot]')", file=sys.stderr)
+    return False
 
 
 def main() -> int:

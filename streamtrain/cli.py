@@ -25,6 +25,7 @@ _COMMANDS = {
     "predict": ("predict", "write a checkpoint's next-vector predictions (or rollouts) for a dataset to an Arrow file"),
     "embed": ("embed", "write one embedding per sequence of a dataset (a checkpoint's final hidden states) to an Arrow file"),
     "export": ("export", "export a checkpoint as a torch.export (.pt2) or ONNX program, checked against the eager model"),
+    "bench": ("bench", "measure convert, loader and train throughput beside their peers and bounds on this machine"),
 }
 
 

@@ -58,14 +58,29 @@ def sequences_to_table(
         raise ValueError("a sequence length is negative")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), dim)
-    sequence = pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), vectors)
+    vectors = pa.FixedSizeListArray.from_arrays(_numeric_array(values.reshape(-1), pa.float32()), dim)
+    sequence = pa.LargeListArray.from_arrays(_numeric_array(offsets, pa.int64()), vectors)
     return pa.Table.from_arrays(
-        [
-            sequence,
-            pa.array(lengths.astype(np.int32), type=pa.int32()),
-            pa.array(paths, type=pa.string()),
-            pa.array(lines, type=pa.int64()),
-        ],
+        [sequence, _numeric_array(lengths, pa.int32()), _string_array(paths), _numeric_array(lines, pa.int64())],
         schema=shard_schema(dim),
     )
+
+
+# pa.array() imports pandas on its first call (to ask whether its argument is a pandas object): ~0.4 s of
+# CPU in every convert worker, more than converting megabytes takes. Arrays built from their buffers never do.
+_NUMPY_TYPES = {pa.float32(): np.float32, pa.int32(): np.int32, pa.int64(): np.int64}
+
+
+def _numeric_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    values = np.ascontiguousarray(values, dtype=_NUMPY_TYPES[type_])
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
+
+
+def _string_array(strings: list[str]) -> pa.Array:
+    encoded = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    if offsets[-1] >= 2**31:  # beyond a string array's int32 offsets: let pyarrow choose
+        return pa.array(strings, type=pa.string())
+    return pa.Array.from_buffers(pa.string(), len(encoded),
+                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))])

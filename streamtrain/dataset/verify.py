@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from streamtrain.dataset.index import Index, load_lengths
 from streamtrain.dataset.io import file_sha256
@@ -19,6 +18,8 @@ __all__ = ["verify_dataset"]
 def verify_dataset(index: Index) -> list[str]:
     """Re-read and hash every byte of every file the index names, whatever was verified before; return one
     line per problem (empty: the dataset is intact)."""
+    import pyarrow.compute as pc  # here, not at import: 0.1 s of every process start, needed only to verify
+
     problems = []
     root = Path(index.root)
     try:
