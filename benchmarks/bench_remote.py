@@ -67,7 +67,7 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
                                      cache_limit=limit)
                 cold.append(_epoch_rate(stream, 0))
                 warm.append(_epoch_rate(stream, 1))
-                shutil.rmtree(cache)
+                shutil.rmtree(cache, ignore_errors=True)  # a prefetch may still be finishing
             local = statistics.median(local_rates)
             out = {
                 "data_bytes": data_bytes, "cache_limit_bytes": limit, "upload_s": upload_s, "rounds": rounds,
