@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import write_dataset
 
@@ -64,3 +65,16 @@ def classed_sequences(n: int, seed: int = 0, longest: int = 30) -> list[np.ndarr
         cls[flip] = rng.integers(3, size=int(flip.sum()))
         s[:, 0:3] = np.eye(3, dtype=np.float32)[cls]
     return seqs
+
+
+# One tiny trained run and one dataset of varied lengths for every eval test module (nothing writes into
+# them): the modules import these fixtures, so the model is trained once per session, not once per module.
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def varied(tmp_path_factory):
+    return write_varied(tmp_path_factory.mktemp("varied") / "data")
+

@@ -4,19 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from eval_support import TINY, train_tiny, write_varied
+from eval_support import TINY
+from eval_support import checkpoint, varied  # noqa: F401 (shared fixtures)
 
 from streamtrain.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
-
-
-@pytest.fixture(scope="module")
-def varied(tmp_path_factory):
-    return write_varied(tmp_path_factory.mktemp("varied") / "data")
 
 
 def _embed(tmp_path, checkpoint, root, *extra, name="emb.arrow"):

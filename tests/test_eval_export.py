@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 from eval_support import DIM, train_tiny, write_varied
+from eval_support import checkpoint  # noqa: F401 (shared fixtures)
 
 import streamtrain
 from streamtrain.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 def _eager(checkpoint, x):

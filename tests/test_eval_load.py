@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from eval_support import DIM, TINY, train_tiny
+from eval_support import DIM, TINY
+from eval_support import checkpoint  # noqa: F401 (shared fixtures)
 
 import streamtrain
 from streamtrain.cli import main
 from streamtrain.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 def test_load_model_gives_the_trained_weights_in_eval_mode(checkpoint):

@@ -5,20 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from eval_support import DIM, TINY, train_tiny, write_varied
+from eval_support import DIM, TINY
+from eval_support import checkpoint, varied  # noqa: F401 (shared fixtures)
 
 from conftest import write_dataset
 from streamtrain.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
-
-
-@pytest.fixture(scope="module")
-def varied(tmp_path_factory):
-    return write_varied(tmp_path_factory.mktemp("varied") / "data")
 
 
 def reference_predictions(checkpoint, seq, context):

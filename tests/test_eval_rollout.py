@@ -7,22 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from eval_support import DIM, TINY, train_tiny, write_varied
+from eval_support import DIM, TINY
+from eval_support import checkpoint, varied  # noqa: F401 (shared fixtures)
 
 from streamtrain.cli import main
 from streamtrain.eval.rollout import rollout
 from streamtrain.model import ModelConfig
 from streamtrain.model.transformer import CausalTransformer
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
-
-
-@pytest.fixture(scope="module")
-def varied(tmp_path_factory):
-    return write_varied(tmp_path_factory.mktemp("varied") / "data")
 
 
 def one_row_rollout(model, prefix_std, horizon, offset=0, feedback=lambda v: v):
