@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `fit --nproc` passes on to the processes it starts
+    options: dict[str, str] = {}
     try:
         options = parse_storage_options(args.storage_option)
         set_default_options(options)
         return int(args._run(args) or 0)
     except UserError as e:
         # no credential reaches a terminal or a log, whatever text an error carries
-        print(f"streamtrain {args.command}: error: {redact(str(e), dict(o.split('=', 1) for o in args.storage_option if '=' in o))}",
-              file=sys.stderr)
+        print(f"streamtrain {args.command}: error: {redact(str(e), options)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"streamtrain {args.command}: interrupted", file=sys.stderr)

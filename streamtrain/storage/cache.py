@@ -25,9 +25,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from streamtrain.dataset import Index, ShardInfo, atomic_write_bytes, atomic_write_json, parse_index, read_index
-from streamtrain.dataset.checksums import record_written
-from streamtrain.dataset.io import file_sha256, map_file
+from streamtrain.dataset import Index, ShardInfo, atomic_write_bytes, atomic_write_json, parse_index
+from streamtrain.dataset.checksums import ExpectedFile, record_written, verify_files
+from streamtrain.dataset.io import map_file
 from streamtrain.dataset.schema import INDEX_FILE
 from streamtrain.errors import DataError, UserError
 from streamtrain.storage.location import Location
@@ -76,6 +76,16 @@ def _flock(path: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _cached(path: Path, sha256: str) -> bool:
+    """Whether the file at `path` has `sha256`: one stat for a version recorded before (every download is),
+    a hash otherwise (`checksums.verify_files`)."""
+    try:
+        verify_files([ExpectedFile(path, sha256, None, "lengths")])
+    except DataError:
+        return False
+    return True
 
 
 def _test_delay() -> None:
@@ -140,14 +150,14 @@ class ShardCache:
             lengths = self.root / index.lengths_file
             lengths.parent.mkdir(parents=True, exist_ok=True)
             sha = index.lengths_sha256 or None
-            if not (lengths.is_file() and sha is not None and file_sha256(lengths) == sha):
+            if not (sha is not None and _cached(lengths, sha)):
                 get_file(self.where, index.lengths_file, lengths, sha256=sha)
                 if sha:
                     record_written(lengths, sha)
             local = self.root / INDEX_FILE
             if not (local.is_file() and local.read_bytes() == data):
                 atomic_write_bytes(local, data)
-        self.index = read_index(self.root)
+        self.index = index  # parsed with this folder as its root
         return self.index
 
     # -- what this process needs -----------------------------------------------------------------------

@@ -38,7 +38,10 @@ def verify_remote(url: str, cache_dir: str | os.PathLike | None = None) -> list[
     """Download every shard of the dataset at `url` once (into a temporary file) and check its size and
     sha256 against index.json: the problems found, one line each, naming the object."""
     cache = ShardCache(Location.of(url), cache_dir)
-    index = cache.sync()  # checks the lengths file's sha256
+    return _verify_shards(cache, cache.sync())  # sync checks the lengths file's sha256
+
+
+def _verify_shards(cache: ShardCache, index: Index) -> list[str]:
     problems = []
     with tempfile.TemporaryDirectory(dir=cache.root) as tmp:
         for info in index.shards:
@@ -55,7 +58,7 @@ def remote_summary(url: str, verify: bool, cache_dir: str | os.PathLike | None =
     from streamtrain.dataset.summary import summarize
 
     cache = ShardCache(Location.of(url), cache_dir)
-    cache.sync()
+    index = cache.sync()
     summary = summarize(cache.root, verify=False)
     return dataclasses.replace(summary, root=url, rejects_file=None,
-                               problems=verify_remote(url, cache_dir) if verify else None)
+                               problems=_verify_shards(cache, index) if verify else None)
