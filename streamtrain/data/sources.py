@@ -12,16 +12,19 @@ in every epoch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from streamtrain.data.bucketing import Items, window_items
 from streamtrain.dataset import Index
-from streamtrain.dataset.checksums import verified_lengths
-from streamtrain.errors import UserError
+from streamtrain.dataset.checksums import check_size, verified_lengths
+from streamtrain.errors import DataError, UserError
+from streamtrain.storage.cache import ShardCache, parse_bytes
+from streamtrain.storage.location import Location, is_remote
 
-__all__ = ["Source", "SourceSet", "EpochUnits"]
+__all__ = ["Source", "SourceSet", "EpochUnits", "parse_sources", "open_cache", "stored_histogram", "check_shard_files"]
 
 
 @dataclass
@@ -203,3 +206,56 @@ class SourceSet:
         stride = max_len - 1
         windows = np.maximum(1, -(-(lengths - 1) // stride))
         return lengths + (windows - 1)
+
+
+def open_cache(root, cache_dir, cache_limit, storage_options) -> ShardCache | None:
+    """The cache of a source given as a URL (None for a local folder)."""
+    if not is_remote(str(root)):
+        return None
+    limit = None if cache_limit is None else parse_bytes(cache_limit)
+    return ShardCache(Location.of(str(root), storage_options), cache_dir, limit)
+
+
+def parse_sources(root) -> tuple[list, list[float]]:
+    """(roots, weights) of `root`: one folder (weight 1), or a list of (folder, weight)."""
+    if isinstance(root, (str, os.PathLike)):
+        return [root], [1.0]
+    pairs = list(root)
+    if not pairs:
+        raise UserError("no dataset given")
+    roots, weights = [], []
+    for item in pairs:
+        if isinstance(item, (str, os.PathLike)):
+            folder, weight = item, 1.0
+        else:
+            folder, weight = item
+        if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
+            raise UserError(f"{folder}: weight must be a finite number > 0, got {weight!r}")
+        roots.append(folder)
+        weights.append(float(weight))
+    return roots, weights
+
+
+def stored_histogram(index: Index, stored) -> tuple[np.ndarray, np.ndarray]:
+    """index.json's length histogram, checked against its own counts (it is input like any other)."""
+    where = f"{index.root / 'index.json'}: key 'length_histogram'"
+    try:
+        values = np.asarray(stored["lengths"], dtype=np.int64)
+        counts = np.asarray(stored["counts"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise DataError(f"{where} must hold two lists of integers, 'lengths' and 'counts'") from None
+    if (values.ndim != 1 or values.shape != counts.shape or (len(values) and (values.min() < 0 or counts.min() < 0))
+            or int(counts.sum()) != index.num_sequences or int((values * counts).sum()) != index.num_tokens):
+        raise DataError(f"{where} disagrees with num_sequences/num_tokens; re-convert the dataset")
+    return values, counts
+
+
+def check_shard_files(index: Index) -> None:
+    """Every shard of a local dataset is there at its index.json size (hashing is `checksums`' business)."""
+    for info in index.shards:
+        path = index.root / info.file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{path}: shard file is missing") from None
+        check_size(path, size, info.bytes)

@@ -19,7 +19,7 @@ from streamtrain.data.batch import Batch, assemble_batch
 from streamtrain.data.bounds import histogram_bounds
 from streamtrain.data.plan import BatchRows, EpochPlan, bucket_lookup, unit_bucket_counts
 from streamtrain.data.reader import ShardReader
-from streamtrain.data.sources import SourceSet
+from streamtrain.data.sources import SourceSet, check_shard_files, open_cache, parse_sources, stored_histogram
 from streamtrain.data.transport import (
     BATCHES_PER_MESSAGE,
     BatchRing,
@@ -29,9 +29,8 @@ from streamtrain.data.transport import (
 )
 from streamtrain.dataset import Index, read_index
 from streamtrain.dataset.checksums import index_files, verify_files
-from streamtrain.errors import DataError, UserError
-from streamtrain.storage.cache import ShardCache, parse_bytes
-from streamtrain.storage.location import Location, is_remote
+from streamtrain.errors import UserError
+from streamtrain.storage.cache import ShardCache
 
 __all__ = ["ShardStream", "DEFAULT_WINDOW_BYTES", "auto_window"]
 
@@ -139,8 +138,8 @@ class ShardStream(IterableDataset):
             raise UserError(f"window must be >= 1 shard, \"auto\" or None (one window), got {window!r}")
         if span < 1:
             raise UserError(f"span must be >= 1 window, got {span}")
-        roots, weights = _sources_of(root)
-        self.caches: list[ShardCache | None] = [_cache_of(r, cache_dir, cache_limit, storage_options) for r in roots]
+        roots, weights = parse_sources(root)
+        self.caches: list[ShardCache | None] = [open_cache(r, cache_dir, cache_limit, storage_options) for r in roots]
         self.indexes: list[Index] = [c.sync() if c is not None else read_index(r) for r, c in zip(roots, self.caches)]
         self.index = self.indexes[0]
         self.dim = self.index.dim
@@ -162,7 +161,7 @@ class ShardStream(IterableDataset):
         self.max_open_shards = None if max_open_shards is None else int(max_open_shards)
         for ix, cache in zip(self.indexes, self.caches):
             if cache is None:  # a cache checks each download's size and sha256 instead
-                _check_shard_files(ix)
+                check_shard_files(ix)
         if ids is not None:
             ids = np.unique(np.asarray(ids, dtype=np.int64))
             if len(ids) and (ids[0] < 0 or ids[-1] >= self.index.num_sequences):
@@ -229,7 +228,7 @@ class ShardStream(IterableDataset):
         for s, src in enumerate(self.sources.sources):
             stored = src.index.extra.get("length_histogram")
             if src.ids is None and stored is not None:
-                values, counts = _stored_histogram(src.index, stored)
+                values, counts = stored_histogram(src.index, stored)
             else:
                 lengths = self.sources.lengths(s)
                 values, counts = bucketing.length_histogram(lengths if src.ids is None else lengths[src.ids])
@@ -494,56 +493,3 @@ class ShardStream(IterableDataset):
                     return
                 group.append(batch)
             yield SlotGroup(group)
-
-
-def _cache_of(root, cache_dir, cache_limit, storage_options) -> ShardCache | None:
-    """The cache of a source given as a URL (None for a local folder)."""
-    if not is_remote(str(root)):
-        return None
-    limit = None if cache_limit is None else parse_bytes(cache_limit)
-    return ShardCache(Location.of(str(root), storage_options), cache_dir, limit)
-
-
-def _sources_of(root) -> tuple[list, list[float]]:
-    """(roots, weights) of `root`: one folder (weight 1), or a list of (folder, weight)."""
-    if isinstance(root, (str, os.PathLike)):
-        return [root], [1.0]
-    pairs = list(root)
-    if not pairs:
-        raise UserError("no dataset given")
-    roots, weights = [], []
-    for item in pairs:
-        if isinstance(item, (str, os.PathLike)):
-            folder, weight = item, 1.0
-        else:
-            folder, weight = item
-        if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
-            raise UserError(f"{folder}: weight must be a finite number > 0, got {weight!r}")
-        roots.append(folder)
-        weights.append(float(weight))
-    return roots, weights
-
-
-def _stored_histogram(index: Index, stored) -> tuple[np.ndarray, np.ndarray]:
-    """index.json's length histogram, checked against its own counts (it is input like any other)."""
-    where = f"{index.root / 'index.json'}: key 'length_histogram'"
-    try:
-        values = np.asarray(stored["lengths"], dtype=np.int64)
-        counts = np.asarray(stored["counts"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise DataError(f"{where} must hold two lists of integers, 'lengths' and 'counts'") from None
-    if (values.ndim != 1 or values.shape != counts.shape or (len(values) and (values.min() < 0 or counts.min() < 0))
-            or int(counts.sum()) != index.num_sequences or int((values * counts).sum()) != index.num_tokens):
-        raise DataError(f"{where} disagrees with num_sequences/num_tokens; re-convert the dataset")
-    return values, counts
-
-
-def _check_shard_files(index: Index) -> None:
-    for info in index.shards:
-        path = index.root / info.file
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise DataError(f"{path}: shard file is missing") from None
-        if size != info.bytes:
-            raise DataError(f"{path}: {size} bytes, index.json says {info.bytes} (truncated or replaced shard)")
