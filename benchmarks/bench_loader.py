@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-only", action="store_true", help="only the checksum comparison (cold/warm/off/naive)")
     p.add_argument("--remote", action="store_true",
                    help="only s3:// (SeaweedFS on 127.0.0.1) against local disk, cold and warm (bench_remote.py)")
+    p.add_argument("--no-record", action="store_true", help="with --remote: do not append to benchmarks/history.jsonl")
     p.add_argument("--cache-fraction", type=float, default=0.5, help="with --remote: cache limit, share of the data")
     p.add_argument("--window", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="with --remote: shards per plan window (the cache must hold two)")
@@ -217,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
 
             remote = bench_remote(root, args.max_tokens, args.repeats, args.cache_fraction, window=args.window)
             print_remote(remote)
-            print(json.dumps({"benchmark": "loader_remote", "num_tokens": index.num_tokens,
-                              "num_shards": len(index.shards), "remote": remote}))
+            result = {"num_tokens": index.num_tokens, "num_shards": len(index.shards), "remote": remote}
+            if not args.no_record:
+                from streamtrain.bench.history import record_script_run
+
+                print(f"recorded in {record_script_run('loader_remote', result)}", file=sys.stderr)
+            print(json.dumps({"benchmark": "loader_remote", **result}))
             return 0
         verify = bench_verify(root, args.max_tokens, args.repeats, cache)
         needed = shards_needed_first(root, args.max_tokens)

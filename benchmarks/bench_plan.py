@@ -114,6 +114,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, help="a real dataset for the padding table (default: the synthetic lengths)")
     p.add_argument("--pad-sequences", type=float, default=2e6, help="synthetic lengths for the padding table")
+    p.add_argument("--no-record", action="store_true", help="do not append the result to benchmarks/history.jsonl")
     args = p.parse_args(argv)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +139,11 @@ def main(argv=None) -> None:
     for w, r in results["padding"].items():
         print(f"{w:<17}{r['pad_pct']:>8.2f}{r['batches']:>10}{r['fill_pct']:>9.2f}")
     results.update(sequences=n, ranks=args.ranks, window=args.window, max_tokens=args.max_tokens,
-                   cpu_count=os.cpu_count())
+                   cpu_count=os.cpu_count(), padding_data=str(args.data) if args.data else "synthetic")
+    if not args.no_record:
+        from streamtrain.bench.history import record_script_run
+
+        print(f"recorded in {record_script_run('plan', results)}", file=sys.stderr)
     print(json.dumps(results))
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from streamtrain.dataset import atomic_write_bytes
 
-__all__ = ["FIGURES", "RATIOS", "read_history", "append_history", "figure", "plot_history", "latest_run"]
+__all__ = ["FIGURES", "RATIOS", "read_history", "append_history", "record_script_run", "figure", "plot_history",
+           "latest_run"]
 
 # what the plot draws: key -> label
 FIGURES = {
@@ -53,6 +54,18 @@ def append_history(path: Path, entry: dict) -> None:
         old += b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, old + (json.dumps(entry, allow_nan=False) + "\n").encode())
+
+
+def record_script_run(benchmark: str, result: dict, path: Path | None = None) -> Path:
+    """Append a benchmark script's result (`benchmark`: its name, e.g. "loader_remote") to the repository's
+    history with the machine and commit it ran on; `streamtrain bench` runs are told apart by theirs."""
+    import torch
+
+    from streamtrain.bench.machine import machine_info
+
+    path = path or Path(__file__).resolve().parents[2] / "benchmarks" / "history.jsonl"
+    append_history(path, {"benchmark": benchmark, "machine": machine_info(torch.device("cpu")), **result})
+    return path
 
 
 def figure(entry: dict, key: str):
