@@ -530,3 +530,41 @@ def test_an_epoch_over_more_shards_than_the_open_file_limit(tmp_path, max_open_s
         assert {int(i): d for i, d in report[workers]["digests"].items()} == expected  # each id once, bit exact
         bound = len(index.shards) if max_open_shards is None else max_open_shards
         assert all(0 < n <= bound for n in report[workers]["mapped"]), report[workers]["mapped"]
+
+
+def test_batch_memory_is_reused_once_a_batch_is_dropped_and_never_while_it_is_kept(data):
+    root, seqs = data
+    ds = _stream(root, seed=3)
+    expected = [b.x.clone() for b in _run(make_loader(_stream(root, seed=3), num_workers=0))]
+    kept, addresses = {}, set()
+    for k, b in enumerate(make_loader(ds, num_workers=0)):
+        # a buffer that held a longer batch before: padding zeroed again, rows exactly the data
+        assert torch.equal(b.x, expected[k]), k
+        assert not b.x[~b.mask].any()
+        addresses.add(b.x.data_ptr())
+        if k % 3 == 0:
+            kept[k] = b  # kept batches must never be overwritten by later ones
+        del b
+    assert len(addresses) < len(expected) // 2  # memory came back and was reused
+    for k, b in kept.items():
+        assert torch.equal(b.x, expected[k]), k
+
+
+def test_batch_buffers_hold_a_bounded_number_free_and_give_back_only_dead_arrays():
+    from streamtrain.data.buffers import BatchBuffers
+
+    pool = BatchBuffers(capacity=64, keep=2)
+    a, dirty = pool.take((2, 4, 8))
+    assert dirty and a.shape == (2, 4, 8) and a.dtype == np.float32
+    b, _ = pool.take((1, 8, 8))
+    c, _ = pool.take((8, 8))
+    assert pool.num_free == 0
+    base_a = a.base
+    del a
+    assert pool.num_free == 1
+    d, _ = pool.take((4, 4))
+    assert d.base is base_a  # the freed buffer, not a new one
+    del b, c, d
+    assert pool.num_free == 2  # `keep` bounds what is held free
+    big, dirty = pool.take((3, 30))  # over the capacity: a fresh zeroed array, not from the pool
+    assert not dirty and not big.any() and pool.num_free == 2

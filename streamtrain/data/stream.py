@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from streamtrain.data import bucketing
 from streamtrain.data.batch import Batch, assemble_batch
+from streamtrain.data.buffers import BatchBuffers
 from streamtrain.data.bounds import histogram_bounds
 from streamtrain.data.plan import BatchRows, EpochPlan, bucket_lookup, unit_bucket_counts
 from streamtrain.data.reader import ShardReader
@@ -190,6 +191,7 @@ class ShardStream(IterableDataset):
         # (re)start; shared memory so that persistent workers see positions set in the main process
         self._iteration_start = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._readers: list[ShardReader | None] = [None] * len(self.indexes)
+        self._buffers: BatchBuffers | None = None  # made on first use, in the process that builds batches
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         # set by a Loader before it starts workers; None: workers hand batches over as tensors
         self.ring: BatchRing | None = None
@@ -248,6 +250,7 @@ class ShardStream(IterableDataset):
         state = self.__dict__.copy()
         state["_readers"] = [None] * len(self.indexes)
         state["_plans"] = OrderedDict()
+        state["_buffers"] = None
         return state
 
     @property
@@ -400,12 +403,13 @@ class ShardStream(IterableDataset):
         if shared:
             x = shared_tensor(int(np.prod(shape)), torch.float32).view(shape)
             out = x.numpy()
+            dirty = True  # padding zeroed explicitly, not left to how the shared-memory allocator hands out pages
         else:
-            # numpy, not torch.zeros: calloc'd pages, no intra-op thread pool for a 1 MB fill
-            out = np.zeros(shape, dtype=np.float32)
+            if self._buffers is None:
+                self._buffers = BatchBuffers(self.max_tokens * self.dim)
+            out, dirty = self._buffers.take(shape)
             x = torch.from_numpy(out)
-        # padding zeroed explicitly, not left to how the shared-memory allocator hands out pages
-        self._gather(out, ids, offsets, lengths, zero_padding=shared)
+        self._gather(out, ids, offsets, lengths, zero_padding=dirty)
         return assemble_batch(x, lengths, ids, offsets)
 
     def _slot_batch(self, ring: BatchRing, worker: int, generation: int, rows: BatchRows) -> SlotBatch | None:
