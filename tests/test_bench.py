@@ -41,6 +41,15 @@ def test_quick_json_run_is_well_formed_and_recorded(tmp_path, capsys):
     assert result["convert_vs_stdlib"] == pytest.approx(result["convert_mb_per_s"] / result["stdlib_convert_mb_per_s"], rel=1e-6)
     assert result["loader_vs_memcpy"] == pytest.approx(result["loader_real_tokens_per_s"] / result["memcpy_loader_real_tokens_per_s"])
     assert 0 < result["mfu"] < 1
+    # the limits each goal is held against, measured in the same run
+    assert 0 < result["seed_mfu"] < 1 and 0 < result["gemm_shape_mfu"]
+    assert result["train_vs_seed_ceiling"] == pytest.approx(1 / result["seed_mfu"])
+    floor = result["convert_floor_s"]
+    assert floor == pytest.approx(result["convert_floor_startup_s"] + result["convert_floor_parse_s"]
+                                  + result["convert_floor_write_s"])
+    assert 0 < floor and result["convert_output_bytes"] > 0
+    assert result["convert_vs_stdlib_ceiling"] == pytest.approx(result["convert_mb_per_s"] * result["convert_s"]
+                                                                / result["stdlib_convert_mb_per_s"] / floor)
     names = [row["name"] for row in result["ablation"]]
     assert names == ["seed", "bucketing", "sdpa", "fused_adamw", "all_three", "fit"]
     seed_row = result["ablation"][0]

@@ -15,6 +15,11 @@ GOALS = (
 )
 
 
+# Per goal, the figure of the same run that bounds it on this machine (see the rows of summary_rows).
+CEILINGS = {"convert_vs_stdlib": "convert_vs_stdlib_ceiling", "train_vs_seed": "train_vs_seed_ceiling",
+            "mfu": "gemm_shape_mfu"}
+
+
 def goals_met(r: dict) -> dict[str, bool | None]:
     """Per goal of GOALS: met, missed, or None when its stage did not run."""
     met = {}
@@ -28,9 +33,14 @@ def goals_met(r: dict) -> dict[str, bool | None]:
 
 def _goal_line(r: dict) -> str:
     met = goals_met(r)
-    parts = [f"{what}{' (pad < 5%)' if key == 'loader_vs_memcpy' else ''}: "
-             f"{'met' if met[key] else 'not met' if met[key] is not None else 'not measured'}"
-             for key, _, what in GOALS]
+    parts = []
+    for key, least, what in GOALS:
+        state = "met" if met[key] else "not met" if met[key] is not None else "not measured"
+        ceiling = r.get(CEILINGS.get(key, ""))
+        if ceiling is not None and met[key] is not None:
+            shown = f"{100 * ceiling:.0f}%" if key == "mfu" else f"{ceiling:.1f}x"
+            state += f" (ceiling here {shown}{', below the goal' if ceiling < least else ''})"
+        parts.append(f"{what}{' (pad < 5%)' if key == 'loader_vs_memcpy' else ''}: {state}")
     return "goals: " + "; ".join(parts)
 
 
@@ -54,6 +64,13 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
                      _rate(r["convert_mb_per_s"], "MB/s"),
                      f"stdlib json + numpy: {_rate(r['stdlib_convert_mb_per_s'], 'MB/s')}",
                      _ratio(r["convert_vs_stdlib"])))
+    if r.get("convert_floor_s") is not None:
+        rows.append((f"convert ceiling: start-up + parse + write only, {r['convert_workers']} processes at once",
+                     f"{r['convert_s']:.2f} s",
+                     f"floor {r['convert_floor_s']:.2f} s = {r['convert_floor_startup_s']:.2f} start-up + "
+                     f"{r['convert_floor_parse_s']:.2f} parse + {r['convert_floor_write_s']:.2f} write "
+                     f"({r['convert_output_bytes'] / 1e6:.0f} MB, sha256, fsync)",
+                     f"{_ratio(r['convert_vs_stdlib_ceiling'])} max"))
     if "loader_real_tokens_per_s" in r:
         ours = f"{_rate(r['loader_real_tokens_per_s'], 'tok/s')}, pad {100 * r['loader_pad_fraction']:.1f}%"
         rows.append((f"loader, {r['loader_workers']} workers", ours,
@@ -69,6 +86,12 @@ def summary_rows(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"fit {r['train_model']} (DxLxFFxH), {r['train_batch_tokens']} tokens/batch, {r['train_precision']}",
                      f"{_rate(r['train_real_tokens_per_s'], 'tok/s')}, MFU {100 * r['mfu']:.1f}%",
                      f"seed pipeline: {_rate(r['seed_train_real_tokens_per_s'], 'tok/s')}", _ratio(r["train_vs_seed"])))
+        if r.get("seed_mfu") is not None:
+            rows.append(("fit ceiling vs seed: fit at 100% MFU", f"MFU {100 * r['mfu']:.1f}%",
+                         f"seed pipeline MFU {100 * r['seed_mfu']:.1f}%",
+                         f"{_ratio(r['train_vs_seed_ceiling'])} max"))
+            rows.append(("MFU ceiling: the model's matmuls alone at fit's batch", f"MFU {100 * r['mfu']:.1f}%",
+                         f"matmuls alone {100 * r['gemm_shape_mfu']:.1f}% of the peak", ""))
         rows.append(("matmul peaks (MFU divides by fp32)", f"fp32 {r['fp32_matmul_peak_tflops']:.3f} TFLOP/s",
                      f"bf16 {r['bf16_matmul_peak_tflops']:.3f} TFLOP/s", ""))
     return rows

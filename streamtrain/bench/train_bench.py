@@ -220,6 +220,36 @@ def _timed_steps(pipeline, budget_s: float, device: torch.device) -> tuple[int, 
     return real, flops, time.perf_counter() - t0
 
 
+def gemm_shape_tflops(shape: ModelShape, dim: int, tokens: int, device: torch.device, budget_s: float) -> float:
+    """TFLOP/s of the model's dense matmuls alone, forward and backward (input and weight gradients), at
+    fit's shapes: `tokens` rows through every Linear of the model (embedding, qkv, attention output, the two
+    feed-forward layers per block, head). No attention, norms, activations or optimizer: a ceiling for the
+    MFU any pipeline of this model reaches with these kernels at this batch size."""
+    d, ff = shape.d_model, shape.ff
+    shapes = [(dim, d)] + [(d, 3 * d), (d, d), (d, ff), (ff, d)] * shape.layers + [(d, dim)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    layers = [nn.Linear(a, b).to(device) for a, b in shapes]
+    inputs = [torch.randn(tokens, a, generator=gen, device=device).requires_grad_() for a, _ in shapes]
+    grads = [torch.randn(tokens, b, generator=gen, device=device) for _, b in shapes]
+    flops = sum(6.0 * tokens * a * b for a, b in shapes)
+
+    def run() -> None:
+        for layer, x, g in zip(layers, inputs, grads):
+            layer(x).backward(g)
+
+    for _ in range(3):
+        run()
+    rates = []
+    deadline = time.perf_counter() + budget_s
+    while time.perf_counter() < deadline or len(rates) < 3:
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        rates.append(flops / (time.perf_counter() - t0) / 1e12)
+    return statistics.median(rates)
+
+
 def measure_train(root: Path, work: Path, *, shape: ModelShape, batch_tokens: int, device: torch.device,
                   rounds: int, budget_s: float, warmup_steps: int = 2, peak_budget_s: float = 0.2,
                   ablation: bool = True) -> dict:
@@ -233,16 +263,20 @@ def measure_train(root: Path, work: Path, *, shape: ModelShape, batch_tokens: in
             p.step()
     names = list(pipelines)
     rates: dict[str, list[float]] = {n: [] for n in names}
-    fit_mfu, fp32_peaks, bf16_peaks = [], [], []
+    fit_mfu, seed_mfu, gemm_mfu, fp32_peaks, bf16_peaks = [], [], [], [], []
+    dim = read_index(root).dim
     for r in range(rounds):
         fp32_peaks.append(measure_matmul_peak_tflops(budget_s=peak_budget_s, device=device))
         bf16_peaks.append(measure_matmul_peak_tflops(budget_s=peak_budget_s, dtype=torch.bfloat16, device=device))
+        gemm_mfu.append(gemm_shape_tflops(shape, dim, batch_tokens, device, peak_budget_s) / fp32_peaks[-1])
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             real, flops, dt = _timed_steps(pipelines[name], budget_s, device)
             rates[name].append(real / dt)
             if name == "fit":
                 fit_mfu.append(flops / dt / (fp32_peaks[-1] * 1e12))
+            elif name == "seed":
+                seed_mfu.append(flops / dt / (fp32_peaks[-1] * 1e12))
     med = {n: statistics.median(v) for n, v in rates.items()}
     seed = med["seed"]
     table = [{"name": v.name, "what": v.what, "real_tokens_per_s": med[v.name], "vs_seed": med[v.name] / seed}
@@ -254,6 +288,11 @@ def measure_train(root: Path, work: Path, *, shape: ModelShape, batch_tokens: in
         "seed_train_real_tokens_per_s": seed,
         "train_vs_seed": med["fit"] / seed,
         "mfu": statistics.median(fit_mfu),
+        # The limits: the seed's MFU (model FLOPs on its real tokens) makes 1 / seed_mfu the ratio fit would
+        # reach at 100% MFU; the model's matmuls alone at fit's batch size bound the MFU these kernels allow.
+        "seed_mfu": statistics.median(seed_mfu),
+        "train_vs_seed_ceiling": 1.0 / statistics.median(seed_mfu),
+        "gemm_shape_mfu": statistics.median(gemm_mfu),
         "train_precision": fit.trainer.precision.name,
         "fp32_matmul_peak_tflops": statistics.median(fp32_peaks),
         "bf16_matmul_peak_tflops": statistics.median(bf16_peaks),
