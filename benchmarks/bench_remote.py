@@ -59,7 +59,7 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             t0 = time.perf_counter()
             publish(root, Location.of(url))
             upload_s = time.perf_counter() - t0
-            local_rates, cold, warm = [], [], []
+            local_rates, cold, warm, refetched = [], [], [], []
             for r in range(rounds):
                 local_rates.append(_epoch_rate(ShardStream(root, max_tokens=max_tokens, seed=r, window=window), 0))
                 cache = tmp / f"cache-{r}"
@@ -67,6 +67,7 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
                                      cache_limit=limit)
                 cold.append(_epoch_rate(stream, 0))
                 warm.append(_epoch_rate(stream, 1))
+                refetched.append(_fetched_in_epoch(cache, 1) / len(stream.indexes[0].shards))
                 shutil.rmtree(cache, ignore_errors=True)  # a prefetch may still be finishing
             local = statistics.median(local_rates)
             out = {
@@ -78,6 +79,8 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             out["cold_vs_local"] = out["s3_cold_real_tokens_per_s"] / local
             out["warm_vs_local"] = out["s3_warm_real_tokens_per_s"] / local
             out["window"] = window
+            out["s3_warm_refetched_fraction"] = statistics.median(refetched)
+            out.update(_download_bounds(url, tmp, data_bytes, index_tokens(root), rounds))
             out.update(_fit_data_wait(url, tmp, limit, fit_steps, window))
             return out
         finally:
@@ -87,6 +90,50 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
                 else:
                     os.environ[k] = v
             server.stop()
+
+
+def _fetched_in_epoch(cache: Path, epoch: int) -> int:
+    """Downloads the cache logged for `epoch` (storage.cache.FETCH_LOG: one line "epoch file pid" each)."""
+    from streamtrain.storage.cache import FETCH_LOG
+
+    return sum(1 for log in Path(cache).rglob(FETCH_LOG) for line in log.read_text().splitlines()
+               if line.split(" ", 1)[0] == str(epoch))
+
+
+def index_tokens(root: Path) -> int:
+    from streamtrain.dataset import read_index
+
+    return read_index(root).num_tokens
+
+
+def _download_bounds(url: str, tmp: Path, data_bytes: int, num_tokens: int, rounds: int) -> dict:
+    """What the download path alone allows, measured on the same server in the same run: every shard object
+    read once into memory (GET only), and once through the cache's own fetch (GET, sha256, write, fsync,
+    rename: storage.objects.get_file), one object at a time as a cold cache fetches them. Expressed in real
+    tokens/s of the dataset, a cold epoch cannot beat the second; medians over `rounds`."""
+    from streamtrain.storage import Location
+    from streamtrain.storage.objects import get_bytes, get_file
+    from streamtrain.storage.remote import open_index
+
+    where = Location.of(url)
+    index = open_index(url, cache_dir=tmp / "bound-cache")
+    names = [(s.file, s.sha256, s.bytes) for s in index.shards]
+    get_s, fetch_s = [], []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for name, _, _ in names:
+            get_bytes(where, name)
+        get_s.append(time.perf_counter() - t0)
+        dest = tmp / f"bound-{r}"
+        dest.mkdir()
+        t0 = time.perf_counter()
+        for name, sha, size in names:
+            get_file(where, name, dest / Path(name).name, size=size, sha256=sha)
+        fetch_s.append(time.perf_counter() - t0)
+        shutil.rmtree(dest)
+    get, fetch = statistics.median(get_s), statistics.median(fetch_s)
+    return {"s3_get_bytes_per_s": data_bytes / get, "s3_get_real_tokens_per_s": num_tokens / get,
+            "s3_fetch_bytes_per_s": data_bytes / fetch, "s3_fetch_real_tokens_per_s": num_tokens / fetch}
 
 
 def _fit_data_wait(url: str, tmp: Path, limit: int, steps: int, window: int | str) -> dict:
@@ -114,7 +161,14 @@ def print_remote(r: dict) -> None:
     print(f"{'source':<16}{'real tokens/s':>16}{'vs local':>10}")
     print(f"{'local disk':<16}{r['local_real_tokens_per_s'] / 1e6:>14.2f} M{1.0:>10.2f}")
     print(f"{'s3 cold':<16}{r['s3_cold_real_tokens_per_s'] / 1e6:>14.2f} M{r['cold_vs_local']:>10.2f}")
-    print(f"{'s3 warm':<16}{r['s3_warm_real_tokens_per_s'] / 1e6:>14.2f} M{r['warm_vs_local']:>10.2f}")
+    if "s3_get_real_tokens_per_s" in r:
+        for label, key in (("s3 GET only", "s3_get"), ("s3 fetch", "s3_fetch")):
+            rate = r[f"{key}_real_tokens_per_s"]
+            print(f"{label:<16}{rate / 1e6:>14.2f} M{rate / r['local_real_tokens_per_s']:>10.2f}"
+                  f"   ({r[f'{key}_bytes_per_s'] / 1e6:.0f} MB/s; the bound a cold epoch cannot pass)")
+    print(f"{'s3 warm':<16}{r['s3_warm_real_tokens_per_s'] / 1e6:>14.2f} M{r['warm_vs_local']:>10.2f}"
+          + (f"   ({100 * r['s3_warm_refetched_fraction']:.0f}% of the shards fetched again)"
+             if r.get("s3_warm_refetched_fraction") is not None else ""))
     if r.get("fit_data_wait_fraction") is not None:
         print(f"fit from s3 ({r['fit_steps']} steps, default model): data-wait median "
               f"{100 * r['fit_data_wait_fraction']:.1f}%, max {100 * r['fit_data_wait_fraction_max']:.1f}% of step time")
