@@ -159,3 +159,16 @@ def test_goals_are_judged_against_their_thresholds():
                      "train_vs_seed": 24.9})
     assert met == {"convert_vs_stdlib": True, "loader_vs_memcpy": False, "train_vs_seed": False, "mfu": None}
     assert goals_met({"loader_vs_memcpy": 0.25, "loader_pad_fraction": 0.049})["loader_vs_memcpy"] is True
+
+
+def test_terminal_table_prints_cells_as_text_not_markup():
+    from rich.console import Console
+
+    from streamtrain.bench.report import print_tables
+
+    r = {"loader_real_tokens_per_s": 2e7, "loader_workers": 0, "loader_pad_fraction": 0.05,
+         "seed_loader_real_tokens_per_s": 1e7, "seed_loader_pad_fraction": 0.8, "loader_vs_seed": 2.0,
+         "hf_loader_real_tokens_per_s": None, "memcpy_loader_real_tokens_per_s": 1e8, "loader_vs_memcpy": 0.2}
+    console = Console(record=True, width=300)
+    print_tables(r, console)
+    assert "pip install 'streamtrain[bench]'" in console.export_text()

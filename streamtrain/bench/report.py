@@ -104,6 +104,7 @@ def ablation_rows(r: dict) -> list[tuple[str, str, str, str]]:
 
 def print_tables(r: dict, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -112,7 +113,7 @@ def print_tables(r: dict, console=None) -> None:
     for col in ("benchmark", "streamtrain", "peer / bound, same run", "ratio"):
         table.add_column(col, justify="right" if col == "ratio" else "left")
     for row in summary_rows(r):
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # cells are text: "streamtrain[bench]" is no markup tag
     console.print(table)
     rows = ablation_rows(r)
     if rows:
@@ -120,9 +121,9 @@ def print_tables(r: dict, console=None) -> None:
         for col in ("pipeline", "what changes", "real tokens/s", "x seed"):
             abl.add_column(col, justify="right" if col in ("real tokens/s", "x seed") else "left")
         for row in rows:
-            abl.add_row(*row)
+            abl.add_row(*map(escape, row))
         console.print(abl)
-    console.print(_goal_line(r))
+    console.print(escape(_goal_line(r)))
     console.print(f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
                   f"device {m.get('device', '?')}, commit {(m.get('commit') or 'unknown')[:10]}"
                   f"{' (dirty)' if m.get('dirty') else ''}, load {m.get('load_avg_1m', '?')}")

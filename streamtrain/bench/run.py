@@ -32,7 +32,7 @@ class Effort:
     warmup_steps: int
 
 
-FULL = Effort(convert_repeats=3, loader_repeats=3, memcpy_bytes=256 << 20, train_rounds=5, train_budget_s=3.0,
+FULL = Effort(convert_repeats=3, loader_repeats=9, memcpy_bytes=256 << 20, train_rounds=5, train_budget_s=3.0,
               peak_budget_s=0.2, peer_sequences=4000, warmup_steps=3)
 QUICK = Effort(convert_repeats=1, loader_repeats=1, memcpy_bytes=64 << 20, train_rounds=2, train_budget_s=0.3,
                peak_budget_s=0.05, peer_sequences=1000, warmup_steps=1)
