@@ -33,7 +33,9 @@ def git_commit(folder: Path | None = None) -> tuple[str, bool | None]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        # the history a run appends to is its output, not a change to what it measures
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         ":!benchmarks/history.jsonl", ":!benchmarks/history.png"))
     except (OSError, subprocess.CalledProcessError):
         return "", None
     return commit, dirty
