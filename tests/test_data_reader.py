@@ -82,6 +82,29 @@ def test_gather_copies_windows_and_leaves_padding_alone(dataset):
         assert not out[j, n:].any()
 
 
+def test_gather_into_a_strided_out_matches_a_contiguous_one(dataset):
+    root, seqs = dataset
+    reader = ShardReader(root)
+    ids = np.array([i for i in (5, 116, 40, 3, 77, 9, 60, 101) if len(seqs[i]) >= 2][:5])
+    assert len(ids) == 5
+    offsets = np.array([0, 1, 0, 1, 0])
+    lengths = np.array([max(0, min(5, len(seqs[i]) - o)) for i, o in zip(ids, offsets)])
+    assert lengths.sum() > 10
+    contiguous = np.full((5, 6, DIM), 3.0, np.float32)
+    reader.gather(contiguous, ids, offsets, lengths, zero_padding=True)
+    wide = np.full((5, 9, DIM), 3.0, np.float32)
+    strided = wide[:, :6]  # rows 9 vectors apart: not C-contiguous
+    assert not strided.flags.c_contiguous
+    reader.gather(strided, ids, offsets, lengths, zero_padding=True)
+    assert np.array_equal(strided, contiguous)
+    assert (wide[:, 6:] == 3.0).all()  # nothing written past the view
+    for j, (i, o, n) in enumerate(zip(ids, offsets, lengths)):
+        assert np.array_equal(contiguous[j, :n], seqs[i][o : o + n])
+        assert not contiguous[j, n:].any()
+    empty = np.zeros((2, 0, DIM), np.float32)
+    reader.gather(empty, ids[:2], np.zeros(2, np.int64), np.zeros(2, np.int64), zero_padding=True)
+
+
 def test_views_honour_record_batches_and_array_offsets():
     rng = np.random.default_rng(1)
     lengths = np.array([3, 0, 5, 2, 4, 1, 6])
@@ -114,6 +137,15 @@ def test_shard_with_many_record_batches_reads_back(dataset):
     reader = ShardReader(root)
     for i in range(info.num_sequences):
         assert np.array_equal(reader.sequence(i), seqs[i])
+    # one gather across the record batches of shard 0 and rows of the next shard, windows offset by one
+    ids = np.concatenate([np.arange(info.num_sequences)[::-1], [info.num_sequences, info.num_sequences + 1]])
+    offsets = np.array([1 if len(seqs[i]) > 1 else 0 for i in ids])
+    lengths = np.array([len(seqs[i]) - o for i, o in zip(ids, offsets)])
+    out = np.full((len(ids), int(lengths.max()), DIM), 5.0, np.float32)
+    reader.gather(out, ids, offsets, lengths, zero_padding=True)
+    for j, (i, o, n) in enumerate(zip(ids, offsets, lengths)):
+        assert np.array_equal(out[j, :n], seqs[i][o:])
+        assert not out[j, n:].any()
 
 
 def test_missing_shard_raises_data_error_naming_it(dataset):

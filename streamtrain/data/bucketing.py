@@ -27,6 +27,7 @@ __all__ = [
     "bucket_bounds",
     "plan_epoch",
     "deal_batches",
+    "dealt_count",
     "pad_fraction",
     "rounding_pad_fraction",
     "split_ids",
@@ -244,12 +245,14 @@ def deal_batches(num_batches: int, rank: int, world_size: int, drop_last: bool =
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if drop_last:
-        total = num_batches // world_size * world_size
-    else:
-        total = -(-num_batches // world_size) * world_size
+    total = dealt_count(num_batches, world_size, drop_last) * world_size
     picks = np.arange(rank, total, world_size, dtype=np.int64)
     return picks % num_batches if num_batches else picks
+
+
+def dealt_count(num_batches: int, world_size: int, drop_last: bool = False) -> int:
+    """How many batches each rank gets from `deal_batches` (without building the list)."""
+    return num_batches // world_size if drop_last else -(-num_batches // world_size)
 
 
 def pad_fraction(item_lengths: np.ndarray, plan: Plan) -> float:

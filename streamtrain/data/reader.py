@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,10 @@ class _ShardViews:
     chunk_first_row: list[int]  # first shard row of each record batch
     row_offsets: list[np.ndarray]  # per record batch: int64 (rows + 1,) vector offsets into `vectors`
     vectors: list[np.ndarray]  # per record batch: float32 (num_vectors, D) view into the map
+    raw: list[memoryview] = field(init=False)  # per record batch: the same bytes, for gather's row copies
+
+    def __post_init__(self) -> None:
+        self.raw = [memoryview(v).cast("B") for v in self.vectors]
 
     def locate(self, row: int) -> tuple[np.ndarray, int, int]:
         """(vectors, start, end) of shard row `row`."""
@@ -74,6 +78,17 @@ def sequence_views(table: pa.Table, dim: int, name: str = "shard") -> _ShardView
     if not first_rows:  # an empty shard: keep locate() well defined
         first_rows, row_offsets, vectors = [0], [np.zeros(1, np.int64)], [np.zeros((0, dim), np.float32)]
     return _ShardViews(first_rows, row_offsets, vectors)
+
+
+_ZEROS = memoryview(b"")
+
+
+def _zeros(n: int) -> memoryview:
+    """A read-only view of at least `n` zero bytes (grown on demand, shared: nothing writes to it)."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = memoryview(bytes(max(n, 2 * len(_ZEROS))))
+    return _ZEROS
 
 
 class ShardReader:
@@ -203,25 +218,35 @@ class ShardReader:
         starts = np.asarray(offsets, dtype=np.int64).copy()
         if len(ids) and starts.min() < 0:
             raise ValueError("gather: window offsets must be >= 0")
-        ends = np.zeros_like(starts)
+        ends = np.empty_like(starts)
         # Vectorised per shard and record batch (a batch touches few): where each window starts, and
         # which buffer it is in; the loop below then does nothing but one memcpy per row.
         arrays: list[np.ndarray] = []
-        source = np.zeros(len(ids), dtype=np.int64)
-        for s in np.unique(shards).tolist():
+        raws: list[memoryview] = []
+        source = np.empty(len(ids), dtype=np.int64)
+        touched = np.unique(shards).tolist()
+        for s in touched:
             views = self._shard(s)
-            sel = np.flatnonzero(shards == s)
+            sel = slice(None) if len(touched) == 1 else np.flatnonzero(shards == s)
             first_rows = views.chunk_first_row
-            chunks = np.zeros(len(sel), np.int64) if len(first_rows) == 1 else (
-                np.searchsorted(first_rows, rows[sel], side="right") - 1
-            )
+            if len(first_rows) == 1:  # the usual shard: one record batch
+                local = rows[sel]
+                starts[sel] += views.row_offsets[0][local]
+                ends[sel] = views.row_offsets[0][local + 1]
+                source[sel] = len(arrays)
+                arrays.append(views.vectors[0])  # keeps the map valid should the shard be evicted meanwhile
+                raws.append(views.raw[0])
+                continue
+            sel = np.arange(len(ids))[sel]
+            chunks = np.searchsorted(first_rows, rows[sel], side="right") - 1
             for c in np.unique(chunks).tolist():
                 csel = sel[chunks == c]
                 local = rows[csel] - first_rows[c]
                 starts[csel] += views.row_offsets[c][local]
                 ends[csel] = views.row_offsets[c][local + 1]
                 source[csel] = len(arrays)
-                arrays.append(views.vectors[c])  # keeps the map valid should the shard be evicted meanwhile
+                arrays.append(views.vectors[c])
+                raws.append(views.raw[c])
         past = np.flatnonzero(starts + lengths > ends)
         if len(past):
             j = int(past[0])
@@ -231,7 +256,23 @@ class ShardReader:
                 f"asks for [{int(offsets[j])}, {int(offsets[j] + lengths[j])}); the lengths it was planned from "
                 "disagree with the shard"
             )
-        for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
-            out[j, :n] = arrays[a][start : start + n]
-            if zero_padding and n < width:
-                out[j, n:] = 0
+        if not (out.flags.c_contiguous and out.dtype == np.float32):  # a caller's strided out: numpy copies
+            for j, (a, start, n) in enumerate(zip(source.tolist(), starts.tolist(), lengths.tolist())):
+                out[j, :n] = arrays[a][start : start + n]
+                if zero_padding and n < width:
+                    out[j, n:] = 0
+            return
+        # Contiguous out: byte ranges of memoryviews, the cheapest copy Python has (no array objects made
+        # per row; measured 1.3x the numpy slice assignment per batch here)
+        if out.size == 0:  # no vectors to copy (every window is empty)
+            return
+        row_bytes = self.dim * 4
+        dst = memoryview(out).cast("B")
+        stride = width * row_bytes
+        zero = _zeros(stride) if zero_padding else None
+        d = 0
+        for a, start, n in zip(source.tolist(), (starts * row_bytes).tolist(), (lengths * row_bytes).tolist()):
+            dst[d : d + n] = raws[a][start : start + n]
+            if zero is not None and n < stride:
+                dst[d + n : d + stride] = zero[: stride - n]
+            d += stride

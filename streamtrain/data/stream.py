@@ -280,7 +280,7 @@ class ShardStream(IterableDataset):
 
     def num_batches(self, epoch: int | None = None) -> int:
         """Batches this rank yields in `epoch` (default: the position's), the same on every rank."""
-        return len(self.rank_batches(epoch))
+        return bucketing.dealt_count(self.num_global_batches(epoch), self.world_size, self.drop_last)
 
     def num_global_batches(self, epoch: int | None = None) -> int:
         """Batches in an epoch's plan before dealing to ranks."""
@@ -380,6 +380,9 @@ class ShardStream(IterableDataset):
     def _gather(self, out: np.ndarray, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
                 zero_padding: bool) -> None:
         """Fill out[:len(ids)] from the sources; rows are grouped by source (see `_rows`)."""
+        if not self.sources.mixed:  # one source: its ids are the global ids
+            self.reader(0).gather(out, ids, offsets, lengths, zero_padding=zero_padding)
+            return
         for s, sel in self.sources.split_ids(ids):
             a, b = int(sel[0]), int(sel[-1]) + 1
             self.reader(s).gather(out[a:b], self.sources.to_local(s, ids[a:b]), offsets[a:b], lengths[a:b],
