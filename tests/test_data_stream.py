@@ -532,12 +532,14 @@ def test_an_epoch_over_more_shards_than_the_open_file_limit(tmp_path, max_open_s
         assert all(0 < n <= bound for n in report[workers]["mapped"]), report[workers]["mapped"]
 
 
-def test_batch_memory_is_reused_once_a_batch_is_dropped_and_never_while_it_is_kept(data):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_memory_is_reused_once_a_batch_is_dropped_and_never_while_it_is_kept(data, workers):
+    # in-process: the memory the batch is built in; with workers: where the main process copies it out of the ring
     root, seqs = data
     ds = _stream(root, seed=3)
     expected = [b.x.clone() for b in _run(make_loader(_stream(root, seed=3), num_workers=0))]
     kept, addresses = {}, set()
-    for k, b in enumerate(make_loader(ds, num_workers=0)):
+    for k, b in enumerate(make_loader(ds, num_workers=workers)):
         # a buffer that held a longer batch before: padding zeroed again, rows exactly the data
         assert torch.equal(b.x, expected[k]), k
         assert not b.x[~b.mask].any()

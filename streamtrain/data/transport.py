@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from streamtrain.data.batch import Batch, assemble_batch
+from streamtrain.data.buffers import BatchBuffers
 
 __all__ = ["BATCHES_PER_MESSAGE", "BatchRing", "SlotBatch", "SlotGroup", "shared_tensor"]
 
@@ -70,12 +71,20 @@ class BatchRing:
         self._np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._next_seq = 1  # per process: only the worker owning a region numbers its batches
         self._parent_pid: int | None = None
+        self._taken: BatchBuffers | None = None  # main process: the memory batches are copied out into
         _RINGS[self.token] = self
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_np"] = None
+        state["_np"], state["_taken"] = None, None
         return state
+
+    def taken_buffers(self) -> BatchBuffers:
+        """Where the main process copies batches out of the slots (not pinned): buffers reused once their
+        batch is garbage, so a copy does not fault in fresh pages (see `buffers`)."""
+        if self._taken is None:
+            self._taken = BatchBuffers(self.slot_floats)
+        return self._taken
 
     @staticmethod
     def find(token: int) -> BatchRing:
@@ -169,8 +178,13 @@ class SlotBatch:
         """Copy x out of the slot (into pinned memory when `pin`), free the slot, and build the Batch."""
         ring = BatchRing.find(self.ring_token)
         shape = (len(self.lengths), self.padded_len, self.dim)
-        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
-        np.copyto(x.numpy(), ring.slot(self.worker, self.slot, shape))
+        if pin:  # torch's pinned allocator keeps the pages of freed blocks
+            x = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            out = x.numpy()
+        else:
+            out, _ = ring.taken_buffers().take(shape)
+            x = torch.from_numpy(out)
+        np.copyto(out, ring.slot(self.worker, self.slot, shape))  # the whole slot: padding zeroed by the worker
         # checked after the copy: the slot held this batch throughout
         intact = ring.holds(self.worker, self.slot, self.seq)
         ring.release(self.worker, self.slot, self.seq)
