@@ -304,7 +304,22 @@ def test_batch_moves_and_pin_memory_flag_is_ignored_without_cuda(data):
     moved = batch.to("cpu")
     assert torch.equal(moved.x, batch.x) and moved.ids.dtype == torch.int64
     if not torch.cuda.is_available():
-        assert loader._dataloader.pin_memory is False
+        assert loader.pin_memory is False
+
+
+def test_in_process_loader_pins_every_tensor_of_every_batch_when_asked(data, monkeypatch):
+    root, _ = data
+    expected = _run(make_loader(_stream(root, seed=4), num_workers=0, pin_memory=False))
+    pinned = []
+    # pinning needs CUDA: an identity that records its calls stands in, so the in-process pin path runs
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.data_ptr()) or t)
+    loader = Loader(_stream(root, seed=4), num_workers=0, pin_memory=True)
+    assert loader.pin_memory
+    got = _run(loader)
+    _assert_same(got, expected)
+    assert len(pinned) == 5 * len(got)  # x, mask, lengths, ids, offsets of each batch
+    assert {b.x.data_ptr() for b in got} <= set(pinned)
+    assert (loader.epoch, loader.batches_done) == (1, 0)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
