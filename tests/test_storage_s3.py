@@ -396,3 +396,48 @@ def test_loader_workers_read_a_remote_dataset_exactly_once(s3, local_ds, tmp_pat
     stream = ShardStream(f"{bucket}/ds", max_tokens=256, window=2, cache_dir=tmp_path / "c", cache_limit="80KB")
     ids = [i for batch in make_loader(stream, num_workers=2) for i in batch.ids.tolist()]
     assert sorted(ids) == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_prefetch_overlaps_downloads_in_plan_order_and_fetches_each_shard_once(s3, local_ds, tmp_path, monkeypatch,
+                                                                               threads):
+    import streamtrain.storage.cache as cache_module
+    from streamtrain.storage import Location, publish
+    from streamtrain.storage.cache import ShardCache
+
+    server, bucket = s3
+    root, _ = local_ds
+    where = Location.of(f"{bucket}/ds")
+    publish(root, where)
+    lock = threading.Lock()
+    in_flight, most, started = [0], [0], []
+    real_get_file = cache_module.get_file
+
+    def get_file(where, name, *args, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            started.append(name)
+        try:
+            time.sleep(0.05)  # as over a network: long enough for the other threads to start theirs
+            return real_get_file(where, name, *args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(cache_module, "get_file", get_file)
+    cache = ShardCache(where, tmp_path / "c", prefetch_threads=threads)
+    index = cache.sync()
+    started.clear()  # the lengths file
+    order = [s.file for s in index.shards][::-1]
+    assert len(order) >= 8
+    cache.publish(0, order, set())
+    deadline = time.monotonic() + 60
+    while not all(cache.path(s).is_file() for s in index.shards) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(cache.path(s).is_file() for s in index.shards)
+    time.sleep(0.1)  # nothing more may start
+    assert sorted(started) == sorted(order)  # each shard once
+    assert most[0] == threads  # `threads` downloads at once, never more
+    # taken in plan order: each download starts no earlier than `threads` - 1 places before its turn
+    assert all(abs(order.index(name) - k) < threads for k, name in enumerate(started))
