@@ -208,12 +208,12 @@ class SourceSet:
         return lengths + (windows - 1)
 
 
-def open_cache(root, cache_dir, cache_limit, storage_options) -> ShardCache | None:
+def open_cache(root, cache_dir, cache_limit, storage_options, prefetch_threads=None) -> ShardCache | None:
     """The cache of a source given as a URL (None for a local folder)."""
     if not is_remote(str(root)):
         return None
     limit = None if cache_limit is None else parse_bytes(cache_limit)
-    return ShardCache(Location.of(str(root), storage_options), cache_dir, limit)
+    return ShardCache(Location.of(str(root), storage_options), cache_dir, limit, prefetch_threads=prefetch_threads)
 
 
 def parse_sources(root) -> tuple[list, list[float]]:

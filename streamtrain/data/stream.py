@@ -79,6 +79,8 @@ class ShardStream(IterableDataset):
         the node-local cache folder (default: the user cache's remote/), its bound in bytes or as "20GB"
         (default: none), and the storage settings (`storage.location`, {KEY: VALUE}). The plan is the same
         as for a local copy of the dataset; only where the shard bytes come from differs (`storage.cache`).
+    prefetch_threads: downloads in flight per process for a URL source (default: one per two cores, 1 to 4,
+        `storage.cache.default_prefetch_threads`).
 
     Only index.json and the lengths are read here (and, with verify, shards hashed whose file version was
     not verified before); planning touches no shard and costs one pass over the lengths; shards are mapped
@@ -110,6 +112,7 @@ class ShardStream(IterableDataset):
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | str | None = None,
         storage_options: dict[str, str] | None = None,
+        prefetch_threads: int | None = None,
     ):
         super().__init__()
         if pad_multiple < 1:
@@ -140,7 +143,10 @@ class ShardStream(IterableDataset):
         if span < 1:
             raise UserError(f"span must be >= 1 window, got {span}")
         roots, weights = parse_sources(root)
-        self.caches: list[ShardCache | None] = [open_cache(r, cache_dir, cache_limit, storage_options) for r in roots]
+        if prefetch_threads is not None and prefetch_threads < 1:
+            raise UserError(f"prefetch_threads must be >= 1, got {prefetch_threads}")
+        self.caches: list[ShardCache | None] = [open_cache(r, cache_dir, cache_limit, storage_options, prefetch_threads)
+                                                for r in roots]
         self.indexes: list[Index] = [c.sync() if c is not None else read_index(r) for r, c in zip(roots, self.caches)]
         self.index = self.indexes[0]
         self.dim = self.index.dim

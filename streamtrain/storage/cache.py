@@ -10,7 +10,7 @@ the plan needs now) under `cache_dir`, shared by every process on the node that 
   ahead, never one in a window being read. When nothing can go, it waits (bounded), then ends naming the
   limit. Each process publishes what it needs (`publish`): the shards of the windows it reads now (never
   evicted) and the rest of its epoch in order.
-- Prefetch: background threads per process (`prefetch_threads`, 4 by default) fetch the shards its stream
+- Prefetch: background threads per process (`prefetch_threads`, see `default_prefetch_threads`) fetch the shards its stream
   needs next, in plan order and several at once, as far as the limit allows without evicting anything still
   needed.
 """
@@ -35,15 +35,26 @@ from streamtrain.errors import DataError, UserError
 from streamtrain.storage.location import Location
 from streamtrain.storage.objects import get_bytes, get_file
 
-__all__ = ["ShardCache", "parse_bytes", "default_cache_dir"]
+__all__ = ["ShardCache", "parse_bytes", "default_cache_dir", "default_prefetch_threads"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 FETCH_LOG = ".fetches.log"
-# Downloads in flight per process. One GET stream is bound by request latency, not bandwidth (object stores
-# scale with connections): measured against the local S3 server here, 1 / 2 / 4 / 8 threads fetched
-# (GET + sha256 + write + fsync) 147-187 / 222 / 319-398 / 392 MB/s.
-DEFAULT_PREFETCH_THREADS = 4
+
+
+def default_prefetch_threads() -> int:
+    """Downloads in flight per process by default: one per two cores this process may use, 1 to 4.
+
+    One GET stream is bound by request latency, not bandwidth (object stores scale with connections):
+    against the local S3 server of a 2-core machine, 1 / 2 / 4 / 8 threads fetched (GET + sha256 + write +
+    fsync) 147-187 / 222 / 319-398 / 392 MB/s. But each download also costs CPU (hashing, the cache's
+    bookkeeping), taken from the loader: on those 2 cores 4 threads read a cold epoch 1.11x faster and a
+    warm one 0.72x as fast as 1 thread (alternating rounds, benchmarks/bench_loader.py --remote's data)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
 
 
 def parse_bytes(spec, flag: str = "--cache-limit") -> int:
@@ -116,7 +127,9 @@ class ShardCache:
     """The cache folder of one remote dataset (`where`) under `cache_dir`; `limit_bytes` None: unbounded."""
 
     def __init__(self, where: Location, cache_dir: str | os.PathLike | None = None, limit_bytes: int | None = None,
-                 wait_s: float = 120.0, prefetch_threads: int = DEFAULT_PREFETCH_THREADS):
+                 wait_s: float = 120.0, prefetch_threads: int | None = None):
+        if prefetch_threads is None:
+            prefetch_threads = default_prefetch_threads()
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be >= 1, got {prefetch_threads}")
         self.where = where

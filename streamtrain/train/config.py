@@ -84,6 +84,10 @@ class DataConfig:
         None, "for remote data: most bytes the cache holds, e.g. 20GB; at least what a rank reads at once "
         "(default: no limit)", "size",
     )
+    prefetch_threads: int | None = option(
+        None, "for remote data: shard downloads in flight per loader process (default: one per two cores, 1 to "
+        "4; more overlap requests on a slow network, but each costs the loader CPU)", "threads",
+    )
     verify: bool = option(
         True,
         "check each shard's and the lengths file's sha256 against index.json before their rows are used, in "
@@ -101,6 +105,8 @@ class DataConfig:
             parse_weights(self.weights, len(self.sources()))
         if self.window is not None and self.window < 1:
             raise UserError(f"--window must be >= 1 shard, got {self.window}")
+        if self.prefetch_threads is not None and self.prefetch_threads < 1:
+            raise UserError(f"--prefetch-threads must be >= 1, got {self.prefetch_threads}")
         if self.cache_limit is not None:
             from streamtrain.storage.cache import parse_bytes
 

@@ -177,6 +177,8 @@ def make_stream_and_loader(cfg: RunConfig, root: Path | list[tuple[Path, float]]
         kwargs["cache_dir"] = d.cache_dir
     if d.cache_limit is not None:
         kwargs["cache_limit"] = d.cache_limit
+    if d.prefetch_threads is not None:
+        kwargs["prefetch_threads"] = d.prefetch_threads
     if max_shapes is not None:
         kwargs["max_shapes"] = max_shapes
     stream = ShardStream([(str(r), w) for r, w in root] if isinstance(root, list) else str(root), **kwargs)
