@@ -260,3 +260,18 @@ for make in (lambda: BatchRing(0, 1, 4), lambda: BatchRing(1, 1, 4).slot(0, 0, (
     assert lines[1].startswith("DataError:") and f"[0, {n + 1})" in lines[1]
     assert lines[2].startswith("ValueError:") and "num_workers=0" in lines[2]
     assert lines[3].startswith("ValueError:") and "exceeds the slot size 4" in lines[3]
+
+
+def test_retain_unmaps_every_other_shard_and_a_dropped_one_reopens(dataset):
+    root, seqs = dataset
+    reader = ShardReader(root)
+    firsts = reader.index.shard_offsets[:-1].tolist()
+    for i in firsts:
+        reader.sequence(int(i))
+    assert reader.num_open_shards == len(firsts)
+    reader.retain([1, 2])
+    assert reader.num_open_shards == 2
+    assert np.array_equal(reader.sequence(int(firsts[0])), seqs[int(firsts[0])])  # mapped again on use
+    assert reader.num_open_shards == 3
+    reader.retain([])
+    assert reader.num_open_shards == 0

@@ -179,6 +179,14 @@ class ShardReader:
             self._views.popitem(last=False)  # unmapped once no view of it is left
         return views
 
+    def retain(self, shards) -> None:
+        """Unmap every open shard not in `shards` (shard numbers): a remote dataset's reader keeps only the
+        shards its current windows read, so the cache's disk space of a shard it evicts is freed (an unlinked
+        file stays on disk for as long as it is mapped)."""
+        keep = set(shards)
+        for s in [s for s in self._views if s not in keep]:
+            del self._views[s]
+
     def _shard(self, s: int) -> _ShardViews:
         views = self._views.get(s)
         if views is None:

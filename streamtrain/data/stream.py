@@ -475,6 +475,7 @@ class ShardStream(IterableDataset):
         hard = set(plan.window_tags(window)) if window is not None else set()
         names_later: dict[int, list[str]] = {s: [] for s, c in enumerate(self.caches) if c is not None}
         names_now: dict[int, set[str]] = {s: set() for s in names_later}
+        open_now: dict[int, set[int]] = {s: set() for s in names_later}
         for shard in order:
             s, ix, k = self.sources.shard_info(shard)
             if s in names_later:
@@ -483,7 +484,12 @@ class ShardStream(IterableDataset):
             s, ix, k = self.sources.shard_info(shard)
             if s in names_now:
                 names_now[s].add(ix.shards[k].file)
+                open_now[s].add(k)
         for s in names_later:
+            if self._readers[s] is not None:
+                # maps of shards this process no longer reads would keep their files' disk space after the
+                # cache evicts them, past its limit: unmapped first
+                self._readers[s].retain(open_now[s])
             self.caches[s].publish(epoch, names_later[s], names_now[s])
 
     def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
