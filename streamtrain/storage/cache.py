@@ -48,8 +48,9 @@ def default_prefetch_threads() -> int:
     One GET stream is bound by request latency, not bandwidth (object stores scale with connections):
     against the local S3 server of a 2-core machine, 1 / 2 / 4 / 8 threads fetched (GET + sha256 + write +
     fsync) 147-187 / 222 / 319-398 / 392 MB/s. But each download also costs CPU (hashing, the cache's
-    bookkeeping), taken from the loader: on those 2 cores 4 threads read a cold epoch 1.11x faster and a
-    warm one 0.72x as fast as 1 thread (alternating rounds, benchmarks/bench_loader.py --remote's data)."""
+    bookkeeping), taken from the loader and from a server on the same machine: on those 2 cores 4 threads
+    read a cold epoch at 0.98x and a second epoch through a 50% cache at 0.89x the rate of 1 thread
+    (alternating rounds on benchmarks/bench_loader.py --remote's data)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
