@@ -10,9 +10,9 @@ the plan needs now) under `cache_dir`, shared by every process on the node that 
   ahead, never one in a window being read. When nothing can go, it waits (bounded), then ends naming the
   limit. Each process publishes what it needs (`publish`): the shards of the windows it reads now (never
   evicted) and the rest of its epoch in order.
-- Prefetch: background threads per process (`prefetch_threads`, see `default_prefetch_threads`) fetch the shards its stream
-  needs next, in plan order and several at once, as far as the limit allows without evicting anything still
-  needed.
+- Prefetch: background threads per process (`prefetch_threads`, see `default_prefetch_threads`) fetch the
+  shards its stream needs next, in plan order and several at once, as far as the limit allows without
+  evicting anything still needed.
 """
 
 from __future__ import annotations
