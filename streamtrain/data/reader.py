@@ -237,23 +237,18 @@ class ShardReader:
             views = self._shard(s)
             sel = slice(None) if len(touched) == 1 else np.flatnonzero(shards == s)
             first_rows = views.chunk_first_row
-            if len(first_rows) == 1:  # the usual shard: one record batch
-                local = rows[sel]
-                starts[sel] += views.row_offsets[0][local]
-                ends[sel] = views.row_offsets[0][local + 1]
-                source[sel] = len(arrays)
-                arrays.append(views.vectors[0])  # keeps the map valid should the shard be evicted meanwhile
-                raws.append(views.raw[0])
-                continue
-            sel = np.arange(len(ids))[sel]
-            chunks = np.searchsorted(first_rows, rows[sel], side="right") - 1
-            for c in np.unique(chunks).tolist():
-                csel = sel[chunks == c]
-                local = rows[csel] - first_rows[c]
+            if len(first_rows) == 1:  # the usual shard: one record batch, its rows numbered from 0
+                parts = [(0, sel, rows[sel])]
+            else:
+                sel = np.arange(len(ids))[sel]
+                chunks = np.searchsorted(first_rows, rows[sel], side="right") - 1
+                parts = [(c, sel[chunks == c], rows[sel[chunks == c]] - first_rows[c])
+                         for c in np.unique(chunks).tolist()]
+            for c, csel, local in parts:
                 starts[csel] += views.row_offsets[c][local]
                 ends[csel] = views.row_offsets[c][local + 1]
                 source[csel] = len(arrays)
-                arrays.append(views.vectors[c])
+                arrays.append(views.vectors[c])  # keeps the map valid should the shard be evicted meanwhile
                 raws.append(views.raw[c])
         past = np.flatnonzero(starts + lengths > ends)
         if len(past):
