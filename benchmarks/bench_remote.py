@@ -4,8 +4,9 @@ A SeaweedFS S3 server on 127.0.0.1 (tools/s3_server.py) holds a copy of the data
 alternating order: an epoch from the local folder, then from s3:// with a fresh cache bounded at
 --cache-fraction of the data (epoch 0: cold, every shard downloaded) and a second epoch through the same cache
 (warm: what the limit let stay, the rest fetched again), and the same two epochs through a cache without a
-limit (its second epoch reads only the cache). Real tokens/s over each epoch, medians over rounds,
-with the ratios to local. Then a short fit from s3:// (cold cache, same bound): the share of its time spent
+limit (its second epoch reads only the cache), and the two bounded epochs again with the other side of the
+default prefetch thread count (1 against 4); the fetch loop also runs with 2, 4 and 8 downloads in flight.
+Real tokens/s over each epoch, medians over rounds, with the ratios to local. Then a short fit from s3:// (cold cache, same bound): the share of its time spent
 waiting for data (metrics.jsonl's data_wait_fraction). Loopback S3 on this machine bounds network cost from
 below: a real network adds latency that the prefetch has to hide.
 """
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from streamtrain.data import ShardStream  # noqa: E402
+from streamtrain.storage.cache import default_prefetch_threads  # noqa: E402
 from tools.s3_server import S3Server, weed_binary  # noqa: E402
 
 
@@ -60,7 +63,9 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             t0 = time.perf_counter()
             publish(root, Location.of(url))
             upload_s = time.perf_counter() - t0
-            local_rates, cold, warm, refetched, warm_full = [], [], [], [], []
+            local_rates, cold, warm, refetched, warm_full, alt_cold, alt_warm = [], [], [], [], [], [], []
+            threads = default_prefetch_threads()
+            alt_threads = 4 if threads == 1 else 1  # the same epochs with the other side of the default
             for r in range(rounds):
                 local_rates.append(_epoch_rate(ShardStream(root, max_tokens=max_tokens, seed=r, window=window), 0))
                 cache = tmp / f"cache-{r}"
@@ -70,6 +75,11 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
                 warm.append(_epoch_rate(stream, 1))
                 refetched.append(_fetched_in_epoch(cache, 1) / len(stream.indexes[0].shards))
                 shutil.rmtree(cache, ignore_errors=True)  # a prefetch may still be finishing
+                alt = ShardStream(url, max_tokens=max_tokens, seed=r, window=window, cache_dir=tmp / f"alt-{r}",
+                                  cache_limit=limit, prefetch_threads=alt_threads)
+                alt_cold.append(_epoch_rate(alt, 0))
+                alt_warm.append(_epoch_rate(alt, 1))
+                shutil.rmtree(tmp / f"alt-{r}", ignore_errors=True)
                 # a cache that holds the whole dataset: the second epoch reads nothing from the server
                 full = ShardStream(url, max_tokens=max_tokens, seed=r, window=window, cache_dir=tmp / f"full-{r}")
                 _epoch_rate(full, 0)
@@ -86,6 +96,9 @@ def bench_remote(root: Path, max_tokens: int, rounds: int, cache_fraction: float
             out["warm_vs_local"] = out["s3_warm_real_tokens_per_s"] / local
             out["s3_warm_full_cache_real_tokens_per_s"] = statistics.median(warm_full)
             out["warm_full_cache_vs_local"] = out["s3_warm_full_cache_real_tokens_per_s"] / local
+            out["prefetch_threads"], out["alt_prefetch_threads"] = threads, alt_threads
+            out["s3_cold_alt_threads_real_tokens_per_s"] = statistics.median(alt_cold)
+            out["s3_warm_alt_threads_real_tokens_per_s"] = statistics.median(alt_warm)
             out["window"] = window
             out["s3_warm_refetched_fraction"] = statistics.median(refetched)
             out.update(_download_bounds(url, tmp, data_bytes, index_tokens(root), rounds))
@@ -114,6 +127,9 @@ def index_tokens(root: Path) -> int:
     return read_index(root).num_tokens
 
 
+PARALLEL_FETCHES = (2, 4, 8)
+
+
 def _download_bounds(url: str, tmp: Path, data_bytes: int, num_tokens: int, rounds: int) -> dict:
     """What the download path alone allows, measured on the same server in the same run: every shard object
     read once into memory (GET only), and once through the cache's own fetch (GET, sha256, write, fsync,
@@ -139,9 +155,21 @@ def _download_bounds(url: str, tmp: Path, data_bytes: int, num_tokens: int, roun
             get_file(where, name, dest / Path(name).name, size=size, sha256=sha)
         fetch_s.append(time.perf_counter() - t0)
         shutil.rmtree(dest)
+    parallel: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for k in PARALLEL_FETCHES:
+            dest = tmp / f"bound-{r}-{k}"
+            dest.mkdir()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(k) as pool:
+                list(pool.map(lambda n: get_file(where, n[0], dest / Path(n[0]).name, size=n[2], sha256=n[1]), names))
+            parallel.setdefault(str(k), []).append(time.perf_counter() - t0)
+            shutil.rmtree(dest)
     get, fetch = statistics.median(get_s), statistics.median(fetch_s)
     return {"s3_get_bytes_per_s": data_bytes / get, "s3_get_real_tokens_per_s": num_tokens / get,
-            "s3_fetch_bytes_per_s": data_bytes / fetch, "s3_fetch_real_tokens_per_s": num_tokens / fetch}
+            "s3_fetch_bytes_per_s": data_bytes / fetch, "s3_fetch_real_tokens_per_s": num_tokens / fetch,
+            # the same fetch loop with k downloads in flight (threads), as the cache's prefetch threads do
+            "s3_fetch_parallel_bytes_per_s": {k: data_bytes / statistics.median(v) for k, v in parallel.items()}}
 
 
 def _fit_data_wait(url: str, tmp: Path, limit: int, steps: int, window: int | str) -> dict:
@@ -177,6 +205,15 @@ def print_remote(r: dict) -> None:
     print(f"{'s3 warm':<16}{r['s3_warm_real_tokens_per_s'] / 1e6:>14.2f} M{r['warm_vs_local']:>10.2f}"
           + (f"   ({100 * r['s3_warm_refetched_fraction']:.0f}% of the shards fetched again)"
              if r.get("s3_warm_refetched_fraction") is not None else ""))
+    if r.get("s3_cold_alt_threads_real_tokens_per_s") is not None:
+        for label, key in (("s3 cold", "cold"), ("s3 warm", "warm")):
+            base, alt = r[f"s3_{key}_real_tokens_per_s"], r[f"s3_{key}_alt_threads_real_tokens_per_s"]
+            print(f"{label + ', ' + str(r['alt_prefetch_threads']) + ' thr':<16}{alt / 1e6:>14.2f} M"
+                  f"{alt / r['local_real_tokens_per_s']:>10.2f}   ({alt / base:.2f}x the default "
+                  f"{r['prefetch_threads']} prefetch thread(s))")
+    if r.get("s3_fetch_parallel_bytes_per_s"):
+        print("fetch loop, downloads in flight: 1: " + f"{r['s3_fetch_bytes_per_s'] / 1e6:.0f} MB/s, "
+              + ", ".join(f"{k}: {v / 1e6:.0f} MB/s" for k, v in r["s3_fetch_parallel_bytes_per_s"].items()))
     if r.get("s3_warm_full_cache_real_tokens_per_s") is not None:
         print(f"{'s3 warm, all':<16}{r['s3_warm_full_cache_real_tokens_per_s'] / 1e6:>14.2f} M"
               f"{r['warm_full_cache_vs_local']:>10.2f}   (a second epoch through a cache without a limit)")
