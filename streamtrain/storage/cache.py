@@ -45,12 +45,10 @@ FETCH_LOG = ".fetches.log"
 def default_prefetch_threads() -> int:
     """Downloads in flight per process by default: one per two cores this process may use, 1 to 4.
 
-    One GET stream is bound by request latency, not bandwidth (object stores scale with connections):
-    against the local S3 server of a 2-core machine, 1 / 2 / 4 / 8 threads fetched (GET + sha256 + write +
-    fsync) 147-187 / 222 / 319-398 / 392 MB/s. But each download also costs CPU (hashing, the cache's
-    bookkeeping), taken from the loader and from a server on the same machine: on those 2 cores 4 threads
-    read a cold epoch at 0.98x and a second epoch through a 50% cache at 0.89x the rate of 1 thread
-    (alternating rounds on benchmarks/bench_loader.py --remote's data)."""
+    One GET stream is bound by request latency, not bandwidth (object stores scale with connections). But
+    each download also costs CPU (hashing, the cache's bookkeeping), taken from the loader and from a server
+    on the same machine, so on few cores more threads read no faster: `benchmarks/bench_loader.py --remote`
+    measures both sides (its figures on a 2-core machine are in the README's object storage section)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
