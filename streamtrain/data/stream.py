@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streamtrain.data import bucketing
+from streamtrain.data import bucketing, needs
 from streamtrain.data.batch import Batch, assemble_batch
 from streamtrain.data.buffers import BatchBuffers
 from streamtrain.data.bounds import histogram_bounds
@@ -201,33 +201,7 @@ class ShardStream(IterableDataset):
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         # set by a Loader before it starts workers; None: workers hand batches over as tensors
         self.ring: BatchRing | None = None
-        self._check_cache_limits()
-
-    def _check_cache_limits(self) -> None:
-        """A cache must hold what a rank reads at once (a batch reads `span` consecutive windows): a smaller
-        limit is an error now, not a wait later."""
-        limited = [s for s, c in enumerate(self.caches) if c is not None and c.limit_bytes is not None]
-        if not limited:
-            return
-        plan = self.plan(0)
-        need = dict.fromkeys(limited, 0)
-        for j in range(plan.num_windows):
-            at_once: dict[int, int] = {}
-            for shard in set(plan.window_tags(j)):  # window j's shards and those its carried items come from
-                s, ix, k = self.sources.shard_info(shard)
-                if s in need:
-                    at_once[s] = at_once.get(s, 0) + ix.shards[k].bytes
-            for s, b in at_once.items():
-                need[s] = max(need[s], b)
-        for s, b in need.items():
-            cache = self.caches[s]
-            cache.working_bytes = b
-            if cache.limit_bytes < b:
-                raise UserError(
-                    f"--cache-limit {cache.limit_bytes} bytes is smaller than the {b} bytes of shards of {cache.where} "
-                    f"a rank reads at once ({self.span} windows of {self.window or 'all'} shards); raise it or "
-                    "lower the window"
-                )
+        needs.check_cache_limits(self.caches, self.sources, self.plan, self.span, self.window)
 
     def _item_histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """The histogram of the items (windows of at most max_len) an epoch plans: each source's length
@@ -359,18 +333,7 @@ class ShardStream(IterableDataset):
         counts the shards of earlier sources first; `sources.shard_info` resolves it). A shard not listed
         is not read again this epoch."""
         epoch = self._epoch if epoch is None else epoch
-        plan, mine = self.plan(epoch), self.rank_batches(epoch)
-        starts = plan.window_starts()
-        seen: dict[int, int] = {}
-        done_windows = set()
-        for k in range(start, len(mine)):
-            j = int(np.searchsorted(starts, mine[k], side="right") - 1)
-            if j in done_windows:
-                continue
-            done_windows.add(j)
-            for shard in plan.window_tags(j):
-                seen.setdefault(shard, k)
-        return sorted(seen.items(), key=lambda kv: kv[1])
+        return needs.shards_needed(self.plan(epoch), self.rank_batches(epoch), start)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -464,33 +427,11 @@ class ShardStream(IterableDataset):
                 j = int(np.searchsorted(starts, mine[first], side="right") - 1)
                 if j != window:
                     window = j
-                    self._publish_needs(epoch, plan, j, [shard for shard, k in needed if k >= first])
+                    needs.publish_needs(self.caches, self._readers, self.sources, epoch, plan, j,
+                                        [shard for shard, k in needed if k >= first])
             yield [plan.batch(int(mine[k])) for k in range(first, min(first + block, len(mine)))]
         if remote:
-            self._publish_needs(epoch, plan, None, [])
-
-    def _publish_needs(self, epoch: int, plan: EpochPlan, window: int | None, order: list[int]) -> None:
-        """Tell each source's cache what this process reads now (window `window`'s shards, and those of the
-        earlier windows its carried items come from) and needs later this epoch (`order`, global shard numbers)."""
-        hard = set(plan.window_tags(window)) if window is not None else set()
-        names_later: dict[int, list[str]] = {s: [] for s, c in enumerate(self.caches) if c is not None}
-        names_now: dict[int, set[str]] = {s: set() for s in names_later}
-        open_now: dict[int, set[int]] = {s: set() for s in names_later}
-        for shard in order:
-            s, ix, k = self.sources.shard_info(shard)
-            if s in names_later:
-                names_later[s].append(ix.shards[k].file)
-        for shard in hard:
-            s, ix, k = self.sources.shard_info(shard)
-            if s in names_now:
-                names_now[s].add(ix.shards[k].file)
-                open_now[s].add(k)
-        for s in names_later:
-            if self._readers[s] is not None:
-                # maps of shards this process no longer reads would keep their files' disk space after the
-                # cache evicts them, past its limit: unmapped first
-                self._readers[s].retain(open_now[s])
-            self.caches[s].publish(epoch, names_later[s], names_now[s])
+            needs.publish_needs(self.caches, self._readers, self.sources, epoch, plan, None, [])
 
     def _batches(self, epoch: int, start: int, worker: int, num_workers: int, shared: bool):
         for (rows,) in self._worker_blocks(epoch, start, worker, num_workers, 1):
